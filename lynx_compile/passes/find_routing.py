@@ -1,0 +1,288 @@
+"""Find the MoE routing sites of a post-grad graph: router linear -> scores -> top-k -> dispatch.
+
+Detection is structural, so it covers any MoE written with these pieces, whatever the model is
+called. A top-k is a routing site when all three hold:
+
+  scores   the (T, E) top-k input is computed from a router linear `x @ W.T (+ b)` with W of
+           shape (E, H), through only: dtype casts, softmax over E, sigmoid, adding a per-expert
+           bias, and masking to -inf (group-limited routing).
+  top-k    over the last dim, largest, k < E <= config.max_experts.
+  dispatch the top-k indices (through views) pick experts: they index a tensor with an E-sized
+           leading dim (stacked expert weights), are one-hot encoded over E (or E+1) classes,
+           are sorted and histogrammed into E bins, feed a non-aten op, or leave the graph
+           (transformers' `eager` experts loop graph-breaks right after routing).
+
+Anything else — a top-k for sampling, beam search, group selection inside DeepSeek's router,
+or a score computation we do not understand — is reported with the reason and left untouched.
+
+The phase of the batch is read from the (batch, seq, hidden) tensor the router's input was
+flattened from; see `phase.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx import Graph, Node
+
+from ..config import LynxConfig
+from . import fx_match as fm
+from .fx_match import aten, prims
+from .phase import PhaseDecision, decide_phase
+
+
+@dataclasses.dataclass
+class RoutingSite:
+    """One top-k found in a graph, routing or not, with what lynx decided about it."""
+
+    topk: Node
+    module_path: str | None
+    reason: str  # why it is (or is not) rewritten, one line
+    is_routing: bool = False
+    router_form: str | None = None  # e.g. "softmax(linear)", "sigmoid(linear)+bias, masked"
+    num_experts: int | None = None
+    top_k: int | None = None
+    dispatch: str | None = None  # how the indices are consumed
+    logits: Node | None = None  # router linear output (affinity, logit space)
+    router_weight: Node | None = None  # the (E, H) parameter, as a graph input
+    phase: PhaseDecision | None = None
+    rewritten: bool = False
+    dynamo_node: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.module_path or self.topk.name
+
+
+def find_routing_sites(graph: Graph, config: LynxConfig) -> list[RoutingSite]:
+    return [classify_topk(node, config) for node in graph.nodes if fm.is_call(node, aten.topk.default)]
+
+
+def classify_topk(topk: Node, config: LynxConfig) -> RoutingSite:
+    site = RoutingSite(topk=topk, module_path=fm.module_path(topk), reason="",
+                       dynamo_node=fm.dynamo_origin(topk))
+    scores, k = topk.args[0], topk.args[1]
+    dim = _arg(topk, 2, "dim", -1)
+    largest = _arg(topk, 3, "largest", True)
+    shape = fm.shape_of(scores)
+
+    if shape is None or len(shape) != 2 or dim not in (-1, 1):
+        site.reason = f"top-k over a {len(shape) if shape else '?'}-D tensor along dim {dim}: " \
+                      "not a (tokens, experts) score matrix"
+        return site
+    num_experts = shape[1]
+    if not isinstance(num_experts, int):
+        site.reason = "number of columns is symbolic: not a fixed set of experts"
+        return site
+    site.num_experts, site.top_k = num_experts, k
+    if not largest:
+        site.reason = "top-k picks the smallest values: not routing"
+        return site
+    if not isinstance(k, int) or not 1 <= k < num_experts:
+        site.reason = f"k={k} of {num_experts}: nothing to select"
+        return site
+    if num_experts > config.max_experts:
+        site.reason = f"{num_experts} columns > max_experts={config.max_experts}: a vocabulary, not experts"
+        return site
+
+    router = trace_router(scores, num_experts)
+    if isinstance(router, str):
+        site.reason = router
+        return site
+    site.logits, site.router_form = router
+    site.router_weight = router_weight(site.logits)
+
+    dispatch = find_dispatch(topk, num_experts)
+    if dispatch.startswith("not routing"):
+        site.reason = dispatch
+        return site
+    site.dispatch = dispatch
+    site.is_routing = True
+
+    site.phase = decide_phase(site.logits, config)
+    site.reason = site.phase.reason
+    return site
+
+
+def _arg(node: Node, index: int, name: str, default: object) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+# --- scores: from the top-k input back to the router linear ------------------------------------
+
+def trace_router(scores: Node, num_experts: int) -> tuple[Node, str] | str:
+    """Return (router logits node, form) or the reason the scores are not understood."""
+    steps: list[str] = []
+    node = scores
+    for _ in range(32):
+        if fm.is_call(node, aten.mm.default, aten.addmm.default):
+            problem = _check_router_linear(node, num_experts)
+            if problem:
+                return problem
+            form = "linear"
+            for step in reversed(steps):
+                form = f"{step}({form})" if step in ("softmax", "sigmoid") else f"{form}{step}"
+            return node, form
+        if fm.is_call(node, *fm.LAYOUT_OPS):
+            source_shape = fm.shape_of(node.args[0])
+            if not source_shape or source_shape[-1] != num_experts:
+                return "scores are reshaped across the expert dim: not a router output"
+            node = node.args[0]
+            continue
+        softmax_input = _softmax_input(node)
+        if softmax_input is not None:
+            steps.append("softmax")
+            node = softmax_input
+            continue
+        if fm.is_call(node, aten.sigmoid.default):
+            steps.append("sigmoid")
+            node = node.args[0]
+            continue
+        biased = _bias_input(node, num_experts)
+        if biased is not None:
+            steps.append("+bias")
+            node = biased
+            continue
+        masked = _masked_input(node)
+        if masked is not None:
+            if ", masked" not in steps:
+                steps.append(", masked")
+            node = masked
+            continue
+        what = fm.op_name(node) if isinstance(node, Node) else type(node).__name__
+        return f"scores come from {what}, not from a router linear over the experts"
+    return "scores are too far from any router linear"
+
+
+def router_weight(mm: Node) -> Node:
+    weight = mm.args[2] if mm.target is aten.addmm.default else mm.args[1]
+    return fm.through_layout(weight)
+
+
+def _check_router_linear(mm: Node, num_experts: int) -> str | None:
+    weight = mm.args[2] if mm.target is aten.addmm.default else mm.args[1]
+    weight_source = router_weight(mm)
+    weight_shape = fm.shape_of(weight)  # (H, E) as used by the mm
+    if weight_shape is None or weight_shape[-1] != num_experts:
+        return "router matmul output does not have one column per expert"
+    if weight_source.op not in ("placeholder", "get_attr"):
+        return f"router weight is computed ({fm.op_name(weight_source)}), not a parameter"
+    return None
+
+
+def _softmax_input(node: Node) -> Node | None:
+    """x if node is the decomposed softmax exp(x - amax(x)) / sum(exp(x - amax(x))) over E."""
+    if not fm.is_call(node, aten.div.Tensor):
+        return None
+    exp, denominator = node.args
+    if not (fm.is_call(exp, aten.exp.default) and fm.is_call(denominator, aten.sum.dim_IntList)):
+        return None
+    if denominator.args[0] is not exp or list(denominator.args[1]) not in ([-1], [1]):
+        return None
+    shifted = exp.args[0]
+    if fm.is_call(shifted, aten.sub.Tensor) and fm.is_call(shifted.args[1], aten.amax.default):
+        return shifted.args[0]
+    return None
+
+
+def _bias_input(node: Node, num_experts: int) -> Node | None:
+    """x if node is x + b with b a per-expert vector (DeepSeek's e_score_correction_bias)."""
+    if not fm.is_call(node, aten.add.Tensor):
+        return None
+    left, right = node.args[:2]
+    for x, bias in ((left, right), (right, left)):
+        if fm.shape_of(bias) == (num_experts,) and fm.shape_of(x) is not None and len(fm.shape_of(x)) == 2:
+            return x
+    return None
+
+
+def _masked_input(node: Node) -> Node | None:
+    """x if node is where(mask, -inf, x) / where(mask, x, -inf) / masked_fill(x, mask, -inf)."""
+    if fm.is_call(node, aten.where.self):
+        _cond, a, b = node.args
+        if _is_neg_inf(a):
+            return b
+        if _is_neg_inf(b):
+            return a
+    if fm.is_call(node, aten.masked_fill.Scalar) and node.args[2] == float("-inf"):
+        return node.args[0]
+    return None
+
+
+def _is_neg_inf(node: object) -> bool:
+    if node == float("-inf"):
+        return True
+    if fm.is_call(node, aten.full.default):
+        return node.args[1] == float("-inf")
+    return fm.is_call(node, aten.scalar_tensor.default) and node.args[0] == float("-inf")
+
+
+# --- indices: are they used to pick experts? ------------------------------------------------------
+
+def find_dispatch(topk: Node, num_experts: int) -> str:
+    """Describe how the top-k indices reach an expert dispatch, or say why they do not."""
+    indices = fm.getitem_users(topk).get(1)
+    if indices is None or not indices.users:
+        return "not routing: the indices are unused (e.g. a top-k sampling threshold)"
+    evidence: list[str] = []
+    for user in fm.layout_users(indices):
+        found = _dispatch_kind(user, num_experts)
+        if found is None:
+            continue
+        if found.startswith("not routing"):
+            return found
+        evidence.append(found)
+    if not evidence:
+        return "not routing: the indices do not select experts"
+    return ", ".join(sorted(set(evidence)))
+
+
+_INDEX_ARITHMETIC = frozenset({
+    aten.div.Tensor, aten.div.Tensor_mode, aten.div.Scalar, aten.div.Scalar_mode,
+    aten.remainder.Scalar, aten.remainder.Tensor, aten.floor_divide.default,
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor,
+})
+
+
+def _dispatch_kind(user: Node, num_experts: int) -> str | None:
+    if user.op == "output":
+        return "deferred to the next graph (experts loop)"
+    if user.op != "call_function":
+        return None
+    if user.target in _INDEX_ARITHMETIC:
+        return f"not routing: the indices are used as numbers ({fm.op_name(user)}), e.g. beam search"
+    if user.target in (aten.index.Tensor, aten.embedding.default, aten.index_select.default):
+        table = user.args[0] if user.target is not aten.embedding.default else user.args[0]
+        table_shape = fm.shape_of(table)
+        if table_shape and table_shape[0] == num_experts:
+            return "gathers stacked expert weights"
+        return None
+    if user.target is aten.eq.Tensor:
+        other = [a for a in user.args if a is not None]
+        for arg in other:
+            if fm.is_call(arg, prims.iota.default) and arg.args[0] in (num_experts, num_experts + 1):
+                return "one-hot over experts"
+        return None
+    if user.target is aten.one_hot.default:
+        return "one-hot over experts"
+    if user.target is aten.sort.default:
+        return "sorted by expert" if _histogrammed(user, num_experts) else None
+    target = user.target
+    if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
+        return f"custom op {fm.op_name(user)}"
+    return None
+
+
+def _histogrammed(sort: Node, num_experts: int) -> bool:
+    sorted_values = fm.getitem_users(sort).get(0)
+    if sorted_values is None:
+        return False
+    for user in fm.layout_users(sorted_values):
+        if fm.is_call(user, aten.histc.default) and user.args[1] == num_experts:
+            return True
+        if fm.is_call(user, aten.bincount.default):
+            return True
+    return False

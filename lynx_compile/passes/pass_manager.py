@@ -1,0 +1,91 @@
+"""The post-grad pass lynx installs into Inductor, and how it joins passes already configured.
+
+Order, fixed (each stage reads what the previous one left):
+  1. find_routing    classify every aten.topk (routing site or not, and why)
+  2. rewrite_routing routing top-k -> lynx.batch_select (decode sites, policy != none)
+  3. expand          lynx.batch_select -> its aten body, for Inductor to generate code from
+
+The pass runs as Inductor's `post_grad_custom_pre_pass`, i.e. on the functionalized aten graph
+right after dead-code elimination and before Inductor's own pattern passes, so those still see
+(and fuse) what we emit. It never replaces a pass someone else configured: `inductor_patches`
+returns the hook's current value with ours appended.
+
+`uuid()` hashes this package's source and the config, so Inductor's FX graph cache stays on
+and an edit to lynx or a different config never reuses a stale compiled graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import pathlib
+from collections.abc import Callable
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.fx import Graph
+
+from ..config import LynxConfig
+from ..lowering.expand_batch_select import expand_batch_select
+from .find_routing import RoutingSite, find_routing_sites
+from .rewrite_routing import observe_plain_sites, rewrite_routing_sites
+
+HOOK = "post_grad_custom_pre_pass"
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """What one run of the pass saw and did to one graph."""
+
+    sites: list[RoutingSite]
+    graph_before: str
+    graph_after_rewrite: str
+    graph_after_lowering: str
+
+
+class LynxPostGradPass(CustomGraphPass):
+    def __init__(self, config: LynxConfig, record: bool = False,
+                 on_report: Callable[[GraphReport], None] | None = None) -> None:
+        self.config = config
+        self.record = record
+        self.on_report = on_report
+
+    def __call__(self, graph: Graph) -> None:
+        before = str(graph) if self.on_report else ""
+        sites = find_routing_sites(graph, self.config)
+        rewrite_routing_sites(graph, sites, self.config)
+        if self.record:
+            observe_plain_sites(graph, sites)
+        after_rewrite = str(graph) if self.on_report else ""
+        expand_batch_select(graph, record=self.record)
+        graph.eliminate_dead_code()
+        graph.lint()
+        if self.on_report:
+            self.on_report(GraphReport(sites, before, after_rewrite, str(graph)))
+
+    def uuid(self) -> str:
+        return hashlib.sha256(
+            f"{_source_hash()}|{self.config!r}|record={self.record}".encode()).hexdigest()
+
+
+@functools.cache
+def _source_hash() -> str:
+    package = pathlib.Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def inductor_patches(lynx_pass: LynxPostGradPass) -> dict[str, object]:
+    """Inductor config patches that add `lynx_pass` after whatever the hook already holds."""
+    existing = getattr(torch._inductor.config, HOOK)
+    if existing is None:
+        passes = []
+    elif isinstance(existing, (list, tuple)):
+        passes = list(existing)
+    else:
+        passes = [existing]
+    return {HOOK: passes + [lynx_pass]}

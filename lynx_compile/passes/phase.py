@@ -1,0 +1,95 @@
+"""Decide, per routing site, whether its batches are decode batches.
+
+Lynx only remaps decode batches: remapping prefill tokens costs accuracy, and prefill is
+compute-bound anyway. A decode batch is one where each sequence contributes one new token. MoE
+blocks flatten (batch, seq, hidden) into (T, hidden) tokens before the router, so we find that
+3-D tensor and read seq off its shape:
+
+  seq == 1 provably           -> "decode": always select (no runtime test at all)
+  seq != 1 provably           -> "prefill": leave the top-k untouched
+  seq symbolic, not decidable -> "runtime": select iff T <= batch (i.e. seq == 1), tested on
+                                 tensors inside the kernel, so no guard and no recompile
+
+Sizes are sympy expressions in the graph's ShapeEnv; `statically_known_true` answers from the
+facts it already holds (Dynamo specializes 0/1 sizes, and gives symbolic sizes the range [2, inf))
+without adding a guard. When no flatten is visible, `max_decode_tokens` says how many tokens a
+decode batch can hold (T <= bound), decided the same three ways; without it we leave the site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..config import LynxConfig
+from . import fx_match as fm
+from .fx_match import aten
+
+
+@dataclasses.dataclass
+class PhaseDecision:
+    mode: str  # "decode" | "prefill" | "runtime" | "unknown"
+    reason: str
+    tokens_from: Node | None = None  # the (batch, seq, hidden) tensor, when visible
+    token_bound: int | None = None  # runtime bound from max_decode_tokens
+
+    @property
+    def selects(self) -> bool:
+        return self.mode in ("decode", "runtime")
+
+
+def decide_phase(router_logits: Node, config: LynxConfig) -> PhaseDecision:
+    router_input = router_logits.args[1] if router_logits.target is aten.addmm.default else router_logits.args[0]
+    num_tokens = fm.shape_of(router_input)[0]
+    if config.phase == "all":
+        return PhaseDecision("decode", "rewritten: phase='all' remaps every batch")
+
+    batched = find_token_flatten(router_input)
+    if batched is not None:
+        seq = fm.shape_of(batched)[1]
+        if statically_known_true(seq == 1):
+            return PhaseDecision("decode", "rewritten: decode graph (seq len 1)", batched)
+        if statically_known_true(seq != 1):
+            return PhaseDecision("prefill", f"not rewritten: prefill graph (seq len {seq})", batched)
+        return PhaseDecision("runtime", f"rewritten: seq len {seq} decided at run time", batched)
+
+    bound = config.max_decode_tokens
+    if bound is None:
+        return PhaseDecision("unknown", "not rewritten: phase unknown (no (batch, seq, hidden) "
+                                        "flatten before the router); set max_decode_tokens")
+    if statically_known_true(num_tokens <= bound):
+        return PhaseDecision("decode", f"rewritten: {num_tokens} tokens <= max_decode_tokens={bound}")
+    if statically_known_true(num_tokens > bound):
+        return PhaseDecision("prefill", f"not rewritten: {num_tokens} tokens > max_decode_tokens={bound}")
+    return PhaseDecision("runtime", f"rewritten: {num_tokens} tokens <= {bound} decided at run time",
+                         token_bound=bound)
+
+
+def find_token_flatten(router_input: Node) -> Node | None:
+    """The (batch, seq, hidden) tensor that was flattened into the router's (T, hidden) input."""
+    tokens = fm.shape_of(router_input)
+    node = router_input
+    for _ in range(16):
+        shape = fm.shape_of(node)
+        if shape is not None and len(shape) == 3 and shape[2] == tokens[1] \
+                and statically_known_true(shape[0] * shape[1] == tokens[0]):
+            return node
+        if not (fm.is_call(node, *fm.LAYOUT_OPS) and isinstance(node.args[0], Node)):
+            return None
+        node = node.args[0]
+    return None
+
+
+def batch_size_node(graph_node: Node) -> Node:
+    """Insert (before the current insertion point) a node computing the batch dim as a SymInt."""
+    graph = graph_node.graph
+    size = graph.call_function(aten.sym_size.int, (graph_node, 0))
+    size.meta["val"] = fm.fake_value(graph_node).shape[0]
+    return size
+
+
+def is_symbolic(value: object) -> bool:
+    return isinstance(value, torch.SymInt)

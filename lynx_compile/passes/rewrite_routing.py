@@ -1,0 +1,115 @@
+"""Rewrite each routing top-k into `lynx::batch_select`, which returns what top-k returned.
+
+Before (Mixtral router, post-grad):
+
+    mm      = aten.mm(view, permute)                       # (T, E) router logits
+    amax = aten.amax(mm, [-1]); sub = aten.sub(mm, amax); exp = aten.exp(sub)
+    sum_1   = aten.sum(exp, [-1]); div = aten.div(exp, sum_1)   # (T, E) softmax
+    topk    = aten.topk(div, 2)
+    getitem = topk[0]; getitem_1 = topk[1]                 # (T, k) values, indices
+
+After:
+
+    batch_select = lynx.batch_select(div, mm, 2, 0.7, 1, 1.4286, -1)
+    getitem = batch_select[0]; getitem_1 = batch_select[1]
+
+Why this is valid: the new op returns values and indices of the same shapes and dtypes, values
+are the scores at the chosen indices, and every token still gets k distinct experts, so all
+downstream consumers — renormalization, the softmax over the k values, the expert dispatch —
+compute exactly what they would for a top-k that had chosen those experts. `mm` (the router
+logits) is passed as the affinity the bins are computed from.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, Node
+
+from ..config import LynxConfig
+from ..lowering import selection
+from ..lowering.ops import batch_select
+from . import fx_match as fm
+from .find_routing import RoutingSite
+from .phase import batch_size_node
+
+
+def rewrite_routing_sites(graph: Graph, sites: list[RoutingSite], config: LynxConfig) -> int:
+    """Rewrite every selectable site in place; return the number rewritten."""
+    rewritten = 0
+    for site in sites:
+        if not (site.is_routing and site.phase.selects):
+            continue
+        if not config.selects:
+            site.reason = "not rewritten: policy 'none'"
+            continue
+        _rewrite(graph, site, config)
+        site.rewritten = True
+        rewritten += 1
+    return rewritten
+
+
+def _rewrite(graph: Graph, site: RoutingSite, config: LynxConfig) -> None:
+    topk = site.topk
+    alpha, beta = config.resolved_alpha_beta(site.num_experts, site.top_k)
+    confidence_gap = config.resolved_confidence_gap(alpha)
+    scores = topk.args[0]
+
+    with graph.inserting_before(topk):
+        bound = _decode_bound(site)
+        new = graph.call_function(
+            batch_select,
+            (scores, site.logits, site.top_k, float(alpha), int(beta), float(confidence_gap), bound))
+    new.meta.update({k: v for k, v in topk.meta.items() if k != "val"})
+    new.meta["val"] = _fake_outputs(scores, site.top_k)
+    new.meta["lynx_site"] = (site.label, site.router_weight)
+
+    for index, getitem in fm.getitem_users(topk).items():
+        with graph.inserting_before(getitem):
+            replacement = graph.call_function(operator.getitem, (new, index))
+        replacement.meta.update(getitem.meta)
+        getitem.replace_all_uses_with(replacement)
+        graph.erase_node(getitem)
+    graph.erase_node(topk)
+
+
+def _decode_bound(site: RoutingSite) -> int | Node:
+    """The token-count bound `batch_select` tests at run time; NO_DECODE_BOUND when proven decode,
+    0 (never decode) when proven prefill or unknown."""
+    phase = site.phase
+    if phase.mode == "decode":
+        return selection.NO_DECODE_BOUND
+    if phase.mode in ("prefill", "unknown"):
+        return 0
+    if phase.token_bound is not None:
+        return phase.token_bound
+    batch = fm.shape_of(phase.tokens_from)[0]
+    if isinstance(batch, int):
+        return batch
+    return batch_size_node(phase.tokens_from)
+
+
+def _fake_outputs(scores: Node, k: int):
+    value = fm.fake_value(scores)
+    num_tokens = value.shape[0]
+    return (value.new_empty((num_tokens, k)), value.new_empty((num_tokens, k), dtype=torch.int64))
+
+
+def observe_plain_sites(graph: Graph, sites: list[RoutingSite]) -> None:
+    """Recording variant only: report routing sites left as plain top-k (before == after)."""
+    from ..lowering.ops import observe_selection
+
+    for site in sites:
+        if not site.is_routing or site.rewritten:
+            continue
+        indices = fm.getitem_users(site.topk).get(1)
+        if indices is None:
+            continue
+        with graph.inserting_after(indices):
+            bound = _decode_bound(site)
+            observed = graph.call_function(
+                observe_selection,
+                (indices, indices, site.router_weight, site.num_experts, bound, site.label))
+        observed.meta["val"] = fm.fake_value(indices).clone()
+        indices.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)

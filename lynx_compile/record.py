@@ -1,0 +1,120 @@
+"""`with lynx_compile.record() as rec:` — what selection did, per routing site and call.
+
+Inside the block, graphs compiled by the lynx backend run a recording variant of themselves
+(compiled once, on first use) in which every routing site reports the experts the batch's plain
+top-k would have used and the experts it uses after selection. Outside the block the normal
+compiled graph runs and nothing is recorded: recording costs a device-to-host copy per site
+and call, which is why it is off by default.
+
+    with lynx_compile.record(model) as rec:
+        compiled_model(**decode_inputs)
+    print(rec.table())           # per site: calls, mean distinct experts before -> after
+    rec.calls["model.layers.0.mlp.gate"][0].experts_after
+
+Passing the (uncompiled) model lets sites be named by the module owning the router weight.
+This matters when one compiled graph serves every layer (transformers' `eager` experts graph-break
+inside each block, so Dynamo compiles the block once and reuses it); without it, a site is named
+by its path inside the compiled frame (e.g. "gate").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionCall:
+    """One routing-site call inside a `record()` block."""
+
+    site: str
+    num_tokens: int
+    experts_before: int  # distinct experts of the batch's plain top-k
+    experts_after: int  # distinct experts after selection (== before when not rewritten)
+    num_experts: int
+    decode: bool  # a decode batch by the site's phase rule (only these are ever remapped)
+
+
+class Recorder:
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
+        self.calls: dict[str, list[SelectionCall]] = defaultdict(list)
+        self._names_by_storage: dict[int, str] = {}
+        if model is not None:
+            for name, param in model.named_parameters():
+                owner = name.rsplit(".", 1)[0] if "." in name else name
+                self._names_by_storage[param.data_ptr()] = owner
+
+    def site_name(self, fallback: str, router_weight: torch.Tensor) -> str:
+        return self._names_by_storage.get(router_weight.data_ptr(), fallback)
+
+    def add(self, call: SelectionCall) -> None:
+        self.calls[call.site].append(call)
+
+    def summary(self, decode_only: bool = True) -> dict[str, dict[str, float]]:
+        """Per site: number of calls and mean distinct experts before/after (decode calls only)."""
+        out = {}
+        for site, all_calls in self.calls.items():
+            calls = [c for c in all_calls if c.decode or not decode_only]
+            if not calls:
+                continue
+            out[site] = {
+                "calls": len(calls),
+                "experts_before": sum(c.experts_before for c in calls) / len(calls),
+                "experts_after": sum(c.experts_after for c in calls) / len(calls),
+                "num_experts": calls[0].num_experts,
+            }
+        return out
+
+    def table(self, decode_only: bool = True) -> str:
+        rows = [("site", "decode calls" if decode_only else "calls", "E", "experts before", "experts after")]
+        for site, s in self.summary(decode_only).items():
+            rows.append((site, str(s["calls"]), str(s["num_experts"]),
+                         f"{s['experts_before']:.2f}", f"{s['experts_after']:.2f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+    def __repr__(self) -> str:
+        return f"Recorder({sum(len(c) for c in self.calls.values())} calls at {len(self.calls)} sites)"
+
+
+_state = threading.local()
+
+
+def active_recorder() -> Recorder | None:
+    return getattr(_state, "recorder", None)
+
+
+@contextlib.contextmanager
+def record(model: torch.nn.Module | None = None) -> Iterator[Recorder]:
+    """Record, per routing site and call, distinct experts before and after selection.
+
+    model: optional; names sites after the module that owns each router weight.
+    """
+    previous = active_recorder()
+    recorder = Recorder(model)
+    _state.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        _state.recorder = previous
+
+
+def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: torch.Tensor,
+                     router_weight: torch.Tensor, num_experts: int, decode: bool) -> None:
+    """Called by lynx::observe_selection inside recording variants of compiled graphs."""
+    recorder = active_recorder()
+    if recorder is None:
+        return
+    recorder.add(SelectionCall(
+        site=recorder.site_name(site, router_weight),
+        num_tokens=int(plain_indices.shape[0]),
+        experts_before=int(torch.unique(plain_indices).numel()),
+        experts_after=int(torch.unique(chosen_indices).numel()),
+        num_experts=int(num_experts),
+        decode=bool(decode),
+    ))

@@ -1,0 +1,92 @@
+"""The routing rewrite, stage by stage (op counts) and end to end (what selection does)."""
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._inductor.decomposition import select_decomp_table
+
+from lynx_compile.config import LynxConfig
+from lynx_compile.lowering.expand_batch_select import expand_batch_select
+from lynx_compile.passes.find_routing import find_routing_sites
+from lynx_compile.passes.rewrite_routing import rewrite_routing_sites
+from moe_models import (
+    BATCH_SELECT,
+    TOPK,
+    PassOnlyBackend,
+    RoutingProbe,
+    count_ops,
+    decode_hidden,
+    moe_block,
+    skewed_mixtral_block,
+)
+
+
+def capture_aten_graph(module, *inputs):
+    """The aten graph Inductor would hand to its post-grad passes (decomposed, functional)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    with torch.no_grad():
+        torch.compile(module, backend=aot_autograd(fw_compiler=keep, decompositions=select_decomp_table()))(*inputs)
+    [gm] = graphs
+    return gm
+
+
+def test_each_stage_changes_exactly_the_ops_it_should():
+    gm = capture_aten_graph(moe_block("mixtral"), decode_hidden(8))
+    before = count_ops(gm.graph)
+    assert (before[TOPK], before[BATCH_SELECT]) == (1, 0)
+
+    config = LynxConfig()
+    sites = find_routing_sites(gm.graph, config)
+    assert rewrite_routing_sites(gm.graph, sites, config) == 1
+    rewritten = count_ops(gm.graph)
+    assert (rewritten[TOPK], rewritten[BATCH_SELECT]) == (0, 1)
+    # nothing else moved: every other op count is unchanged
+    assert {op: n for op, n in rewritten.items() if op not in (TOPK, BATCH_SELECT)} == \
+        {op: n for op, n in before.items() if op not in (TOPK, BATCH_SELECT)}
+
+    assert expand_batch_select(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    lowered = count_ops(gm.graph)
+    assert (lowered[TOPK], lowered[BATCH_SELECT]) == (2, 0)
+    assert lowered["aten.sort.stable"] == 3  # experts by mass, then by batch score; tokens' own order
+    assert lowered["aten.floor.default"] == 1  # the binning
+
+
+def test_policy_none_changes_nothing():
+    gm = capture_aten_graph(moe_block("qwen3_moe"), decode_hidden(8))
+    graph_text = str(gm.graph)
+    config = LynxConfig(policy="none")
+    sites = find_routing_sites(gm.graph, config)
+    assert rewrite_routing_sites(gm.graph, sites, config) == 0
+    assert sites[0].is_routing and sites[0].reason == "not rewritten: policy 'none'"
+    assert str(gm.graph) == graph_text
+
+
+def test_skewed_batch_is_served_by_fewer_experts_with_k_distinct_each_and_confident_top1_kept():
+    block, hidden = skewed_mixtral_block()
+    probe = RoutingProbe(block).eval()
+    with torch.no_grad():
+        _, plain_indices, _ = probe(hidden)
+        output, indices, weights = torch.compile(probe, backend=PassOnlyBackend())(hidden)
+        logits = block.gate(hidden.view(-1, hidden.shape[-1]))[0]
+
+    assert torch.unique(indices).numel() < torch.unique(plain_indices).numel()
+    assert torch.unique(indices).numel() <= 3
+    assert all(len(set(row.tolist())) == 2 for row in indices)  # k distinct experts per token
+    top2 = torch.topk(logits, 2).values
+    confident = (top2[:, 0] - top2[:, 1]) > 1 / 0.7  # Mixtral's default alpha = 0.7
+    assert confident.sum() == 4
+    assert torch.equal(indices[confident, 0], plain_indices[confident, 0])
+
+    # downstream is unchanged: weights are the model's renormalized softmax at the new experts,
+    # and the experts ran exactly those experts with those weights
+    probs = torch.softmax(logits.float(), dim=-1).gather(1, indices)
+    torch.testing.assert_close(weights, probs / probs.sum(-1, keepdim=True))
+    with torch.no_grad():
+        expected = block.experts(hidden.view(-1, hidden.shape[-1]), indices, weights).view_as(hidden)
+    torch.testing.assert_close(output, expected)

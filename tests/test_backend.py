@@ -1,0 +1,113 @@
+"""The `lynx` backend with real Inductor: registration, composition, caching, every model."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from lynx_compile import LynxConfig
+from lynx_compile.passes.pass_manager import LynxPostGradPass
+from moe_models import ARCHS, decode_ids, moe_block, tiny_model
+
+
+def test_backend_name_works_in_a_fresh_interpreter_without_importing_the_package():
+    script = textwrap.dedent("""
+        import sys, torch
+        assert "lynx" in torch._dynamo.list_backends()
+        assert "lynx_compile" not in sys.modules
+        f = torch.compile(lambda x: torch.topk(x, 2).values.sum(), backend="lynx")
+        print(float(f(torch.arange(8.0).view(2, 4))))
+        assert "lynx_compile" in sys.modules  # loaded by Dynamo through the entry point
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "18.0"
+
+
+class CountingPass(CustomGraphPass):
+    """Stands in for a pass a user or another framework configured."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "counting-pass"
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["single", "list"])
+def test_user_post_grad_passes_are_kept_and_lynx_appended(as_list):
+    user_pass = CountingPass()
+    existing = [user_pass] if as_list else user_pass
+    block = moe_block("mixtral")
+    with torch._inductor.config.patch(post_grad_custom_pre_pass=existing, force_disable_caches=True), \
+            torch.no_grad():
+        torch.compile(block, backend="lynx")(torch.randn(4, 1, 64))
+        assert torch._inductor.config.post_grad_custom_pre_pass is existing  # not overwritten
+    assert user_pass.calls == 1
+
+
+def test_pass_uuid_is_stable_and_tracks_the_config():
+    assert LynxPostGradPass(LynxConfig()).uuid() == LynxPostGradPass(LynxConfig()).uuid()
+    assert LynxPostGradPass(LynxConfig()).uuid() != LynxPostGradPass(LynxConfig(alpha=2.0)).uuid()
+    assert LynxPostGradPass(LynxConfig()).uuid() != LynxPostGradPass(LynxConfig(), record=True).uuid()
+
+
+def test_fx_graph_cache_stays_on():
+    block = moe_block("qwen3_moe")
+    with torch.no_grad():
+        torch.compile(block, backend="lynx")(torch.randn(4, 1, 64))
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(block, backend="lynx")(torch.randn(4, 1, 64))
+    assert counters["inductor"]["fxgraph_cache_hit"] == 1
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_policy_none_is_bit_identical_to_default_inductor(arch):
+    block = moe_block(arch)
+    hidden = torch.randn(8, 1, 64)
+    with torch.no_grad():
+        reference = torch.compile(block)(hidden)
+        torch._dynamo.reset()
+        none = torch.compile(block, backend="lynx", options={"policy": "none"})(hidden)
+    for expected, actual in zip(torch.utils._pytree.tree_leaves(reference), torch.utils._pytree.tree_leaves(none)):
+        assert torch.equal(actual, expected)
+
+
+def test_policy_none_is_bit_identical_on_a_whole_bf16_model():
+    model = tiny_model("mixtral", num_layers=2, dtype=torch.bfloat16)
+    ids = decode_ids(8)
+    with torch.no_grad():
+        reference = torch.compile(model)(ids).logits
+        torch._dynamo.reset()
+        none = torch.compile(model, backend="lynx", options={"policy": "none"})(ids).logits
+    assert torch.equal(none, reference)
+
+
+@pytest.mark.parametrize("arch, experts_impl", [(arch, "grouped_mm") for arch in ARCHS]
+                         + [("mixtral", "eager"), ("qwen3_moe", "batched_mm")])
+def test_decode_step_runs_with_no_extra_graph_breaks(arch, experts_impl):
+    """Graph breaks are Dynamo's decision, made before any backend runs, so the eager backend's
+    count is default torch.compile's. With the `eager` experts loop, selection can only lower the
+    number of graphs (the loop visits fewer experts). `examples/check_architectures.py` runs the
+    full architecture x experts-implementation x dtype matrix against default Inductor."""
+    model = tiny_model(arch, experts_impl=experts_impl)
+    ids = decode_ids(8)
+    stats = {}
+    with torch.no_grad():
+        for backend in ("eager", "lynx"):
+            torch._dynamo.reset()
+            counters.clear()
+            logits = torch.compile(model, backend=backend)(ids).logits
+            stats[backend] = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
+            assert torch.isfinite(logits).all()
+    assert stats["lynx"][1] == stats["eager"][1]
+    assert stats["lynx"][0] <= stats["eager"][0]
