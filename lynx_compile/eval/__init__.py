@@ -1,0 +1,1 @@
+"""Evaluation data for the shipped checkpoints (offline corpora: stdlib code, arithmetic)."""
