@@ -255,8 +255,7 @@ def _dispatch_kind(user: Node, num_experts: int) -> str | None:
     if user.target in _INDEX_ARITHMETIC:
         return f"not routing: the indices are used as numbers ({fm.op_name(user)}), e.g. beam search"
     if user.target in (aten.index.Tensor, aten.embedding.default, aten.index_select.default):
-        table = user.args[0] if user.target is not aten.embedding.default else user.args[0]
-        table_shape = fm.shape_of(table)
+        table_shape = fm.shape_of(user.args[0])  # the tensor being indexed (weight for embedding)
         if table_shape and table_shape[0] == num_experts:
             return "gathers stacked expert weights"
         return None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -89,7 +88,3 @@ def batch_size_node(graph_node: Node) -> Node:
     size = graph.call_function(aten.sym_size.int, (graph_node, 0))
     size.meta["val"] = fm.fake_value(graph_node).shape[0]
     return size
-
-
-def is_symbolic(value: object) -> bool:
-    return isinstance(value, torch.SymInt)
