@@ -37,6 +37,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from lynx_compile.eval import corpora
+from lynx_compile.eval.decode import left_pad
+from lynx_compile.eval.tasks import encode
 
 CONTEXT = 256
 VOCAB_SIZE = 4096
@@ -106,11 +108,6 @@ def train_tokenizer(seed: int) -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=PAD, add_bos_token=True,
         padding_side="left", model_max_length=CONTEXT)
-
-
-def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids without special tokens."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -330,16 +327,6 @@ def router_stats(code_logits: list[torch.Tensor], arith_logits: list[torch.Tenso
             "uniform_top_k_prob_mass": round(top_k / num_experts, 3),
             "decode16_uniform_expectation": round(num_experts * (1 - (1 - top_k / num_experts) ** DECODE_BATCH), 2),
             "layers": layers}
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
