@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -24,29 +23,13 @@ import torch
 import transformers
 
 import lynx_compile
+from lynx_compile import machine
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 from small_model import small_mixtral  # noqa: E402  (the demo's model)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ROUTER_LOGIT_STD = 1.5
-
-
-def measure_read_bandwidth(megabytes: int = 512) -> float:
-    """GB/s of a plain streaming read (sum over a large buffer), best of 5."""
-    buffer = torch.ones(megabytes * 2**20 // 4)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best / 1e9
-
-
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "read_bandwidth_gbs": round(measure_read_bandwidth(), 1)}
 
 
 def spread_routers(model: torch.nn.Module, hidden_size: int) -> None:
@@ -138,7 +121,7 @@ def main():
     repeats = 5 if args.quick else 15
     torch.manual_seed(0)
 
-    info = machine()
+    info = machine.describe()
     print(f"machine: {info}")
     print(HEADER)
     rows = run_case("mixtral-block", mixtral_block(), lambda b: torch.randn(b, 1, 1024, dtype=torch.bfloat16),

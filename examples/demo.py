@@ -1,66 +1,68 @@
-"""Decode a batch with default Inductor and with backend="lynx", side by side.
+"""Decode a batch of held-out code prompts with the shipped checkpoint: default Inductor vs lynx.
 
-    make demo        (or: python examples/demo.py --batch 16 --steps 8)
+    make demo        (or: python examples/demo.py --batch 16)
 
-Prints, per MoE layer, the distinct experts a decode step reads before and after lynx's
-selection, and the step time of each backend, measured in this run.
+Loads the shipped coarse checkpoint (Mixtral-style, 8 experts, top-2, trained on this
+project's offline corpora), compiles it with default Inductor and with backend="lynx", and
+lets transformers' generate() complete the next line of each held-out prompt. Prints side by
+side: decode step time and ratio, distinct experts per decode step (lynx_compile.record),
+next-line exact match on the batch, and example completions.
 """
 
 import argparse
 import statistics
-import time
 
 import torch
+import transformers
 
 import lynx_compile
-from small_model import small_mixtral
+from lynx_compile.eval import decode, harness, tasks
 
 
-def decode(model, input_ids, steps):
-    """Greedy decode `steps` tokens with a KV cache; returns per-step times (ms) after the first."""
-    cache = None
-    times = []
-    tokens = input_ids
-    with torch.no_grad():
-        out = model(input_ids=tokens, use_cache=True)  # prefill
-        cache = out.past_key_values
-        tokens = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            start = time.perf_counter()
-            out = model(input_ids=tokens, past_key_values=cache, use_cache=True)
-            times.append((time.perf_counter() - start) * 1e3)
-            cache = out.past_key_values
-            tokens = out.logits[:, -1:].argmax(-1)
-    return times[3:]  # the first decode steps compile (static, then dynamic cache length)
+def complete(variant, problems, batch):
+    """(completions, median decode-step ms) after a first, compiling, pass."""
+    torch._dynamo.reset()
+    model, tokenizer = harness.load(harness.resolve_checkpoint("coarse"), torch.float32, variant)
+    new_tokens = tasks.max_new_tokens("code-line")
+    decode.generate_lines(model, tokenizer, problems, batch, new_tokens)  # compiles
+    timer = decode.DecodeStepTimer()
+    lines = decode.generate_lines(model, tokenizer, problems, batch, new_tokens, timer)
+    recorder = None
+    if variant.backend == "lynx":
+        with lynx_compile.record(model) as recorder:
+            decode.generate_lines(model, tokenizer, problems, batch, new_tokens)
+    return lines, statistics.median(timer.step_ms), recorder
 
 
 def main():
-    # Two backends compile the same module's code objects; give Dynamo room for both.
-    torch._dynamo.config.recompile_limit = 64
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
+    torch._dynamo.config.recompile_limit = harness.DYNAMO_LIMITS["recompile_limit"]
 
-    model = small_mixtral()
-    prompt = torch.randint(3, model.config.vocab_size, (args.batch, 8), generator=torch.Generator().manual_seed(0))
-    print(f"small Mixtral-style model (random weights): {model.config.num_hidden_layers} layers, "
-          f"{model.config.num_local_experts} experts, top-{model.config.num_experts_per_tok}; "
-          f"batch {args.batch}, {args.steps} decode steps, {torch.get_num_threads()} threads\n")
+    path = harness.resolve_checkpoint("coarse")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    context = transformers.AutoConfig.from_pretrained(path).max_position_embeddings
+    problems = tasks.code_line_problems(tokenizer, args.batch, context)
+    print(f"checkpoint {path.name}: Mixtral-style, 8 experts, top-2; {args.batch} held-out code prompts "
+          f"decoded together (greedy, generate()), {torch.get_num_threads()} threads\n")
 
-    baseline = torch.compile(model)
-    lynx = torch.compile(model, backend="lynx")
-    inductor_ms = statistics.median(decode(baseline, prompt, args.steps))
-    lynx_ms = statistics.median(decode(lynx, prompt, args.steps))
-    with lynx_compile.record(model) as rec:
-        decode(lynx, prompt, 2)
+    inductor_lines, inductor_ms, _ = complete(harness.Variant("inductor", "inductor"), problems, args.batch)
+    lynx_lines, lynx_ms, recorder = complete(harness.Variant("lynx", "lynx"), problems, args.batch)
 
-    print("distinct experts read per decode step (mean over recorded steps):")
-    print(rec.table())
-    print(f"\nstep time: default Inductor {inductor_ms:.2f} ms, lynx {lynx_ms:.2f} ms "
-          f"({inductor_ms / lynx_ms:.2f}x)")
-    print("\nrouting sites lynx found (lynx_compile.explain):")
-    print(lynx_compile.explain(model, prompt[:, :1]).table())
+    def exact(lines):
+        return sum(tasks.is_correct("code-line", line, p.expected) for line, p in zip(lines, problems))
+
+    print(f"{'':28}{'default Inductor':>18}{'lynx':>12}")
+    print(f"{'decode step (median ms)':28}{inductor_ms:>18.2f}{lynx_ms:>12.2f}   ({inductor_ms / lynx_ms:.2f}x)")
+    print(f"{'next line exact match':28}{exact(inductor_lines):>15}/{args.batch}{exact(lynx_lines):>9}/{args.batch}")
+    print(f"{'completions that differ':28}{'':>18}{sum(a != b for a, b in zip(inductor_lines, lynx_lines)):>12}")
+    print("\ndistinct experts per decode step, plain top-k -> lynx (lynx_compile.record):")
+    print(recorder.table())
+    print("\nexample completions (prompt's last line | expected | Inductor | lynx):")
+    for problem, base, mine in list(zip(problems, inductor_lines, lynx_lines))[:2]:
+        last_line = tokenizer.decode(problem.prompt_ids).rstrip("\n").rsplit("\n", 1)[-1]
+        print(f"  prompt ...{last_line!r}\n    expected {problem.expected!r}\n    inductor {base!r}\n    lynx     {mine!r}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""``lynx-compile eval`` / ``python -m lynx_compile.eval``: accuracy and decode time, Inductor vs lynx.
+
+    lynx-compile eval                                   # both shipped checkpoints, all tasks
+    lynx-compile eval --checkpoint coarse --task arith --batch-sizes 1 16 --problems 100
+    lynx-compile eval --checkpoint path/to/hf/moe/checkpoint
+
+Writes ``<out>/eval_<checkpoint>.json`` and ``.png`` and prints one table per checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lynx_compile import machine
+from lynx_compile.eval import harness, report, tasks
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lynx-compile eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", nargs="+", default=list(harness.SHIPPED),
+                   help="shipped checkpoint names (coarse, fine) or local HF MoE checkpoint directories")
+    p.add_argument("--task", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 32, 64])
+    p.add_argument("--policies", nargs="+", default=["none", "affinity_binning"], choices=["none", "affinity_binning"])
+    p.add_argument("--problems", type=int, default=500, help="problems per task (code-token: predicted tokens)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="compute dtype (float32 default: this CPU has no bf16 matrix units)")
+    p.add_argument("--eager", action="store_true", help="also run the uncompiled model")
+    p.add_argument("--record-batches", type=int, default=2,
+                   help="batches per cell re-run under lynx_compile.record to count experts")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/eval"))
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.problems < 1:
+        cli.error(f"--problems must be positive, got {args.problems}")
+    if min(args.batch_sizes) < 1:
+        cli.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine.describe()
+    print(f"machine: {info}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for checkpoint in args.checkpoint:
+        result = harness.evaluate(checkpoint, args.task, args.batch_sizes, args.policies, args.problems,
+                                  DTYPES[args.dtype], args.eager, args.record_batches, not args.no_progress)
+        result["machine"] = info
+        stem = args.out / f"eval_{result['checkpoint']}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        report.plot(result, stem.with_suffix(".png"))
+        print(f"\n{result['checkpoint']} ({result['model_type']}, {result['num_experts']} experts, "
+              f"top-{result['top_k']}, {result['dtype']}):")
+        print(report.table(result))
+        print(f"wrote {stem}.json and {stem}.png", flush=True)
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()

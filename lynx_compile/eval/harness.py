@@ -1,0 +1,185 @@
+"""Accuracy and decode time of a checkpoint compiled by default Inductor and by ``backend="lynx"``.
+
+For each variant (``inductor``, then ``lynx:<policy>`` per policy; ``eager`` on request) the
+checkpoint is loaded fresh and compiled in place with ``model.compile(...)``, so that
+transformers' own ``generate()`` runs the compiled forward, as it does for users. Every task
+then runs at every batch size B with the same problems. Per (variant, B) the row holds:
+
+* accuracy (and the number correct) over the task's problems;
+* ``changed_vs_inductor``: problems whose output differs from default Inductor's at the same B,
+  and ``flipped_vs_inductor``: problems whose correctness differs;
+* ``step_ms``: median decode-step time over the whole task, after one untimed batch that
+  compiles what this batch size needs;
+* for lynx variants, distinct experts per decode step per layer, before selection (the batch's
+  plain top-k) and after, from ``lynx_compile.record`` over the first ``record_batches`` batches
+  (run again, after the timed pass, because recording costs time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+import torch
+import transformers
+
+import lynx_compile
+from lynx_compile.eval import decode, tasks
+
+CHECKPOINTS = Path(lynx_compile.__file__).parent / "checkpoints"
+SHIPPED = ("coarse", "fine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    backend: str | None  # None: not compiled
+    options: dict | None = None
+
+    @property
+    def policy(self) -> str | None:
+        return (self.options or {}).get("policy")
+
+
+def variants(policies: list[str], eager: bool = False) -> list[Variant]:
+    out = [Variant("eager", None)] if eager else []
+    out.append(Variant("inductor", "inductor"))
+    out += [Variant(f"lynx:{policy}", "lynx", {"policy": policy}) for policy in policies]
+    return out
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A shipped checkpoint's name (``coarse``, ``fine``) or a local checkpoint directory."""
+    path = CHECKPOINTS / name_or_path if name_or_path in SHIPPED else Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{name_or_path!r} is neither a shipped checkpoint {SHIPPED} nor a directory "
+                                f"holding a transformers checkpoint (config.json not found in {path})")
+    return path
+
+
+def load(path: Path, dtype: torch.dtype, variant: Variant):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if variant.backend is not None:
+        model.compile(backend=variant.backend, options=variant.options)
+    return model, tokenizer
+
+
+def _experts_by_layer(recorder) -> dict[str, list[float]]:
+    return {site: [round(s["experts_before"], 2), round(s["experts_after"], 2)]
+            for site, s in recorder.summary(decode_only=True).items()}
+
+
+def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Variant,
+             record_batches: int, progress=None) -> dict:
+    """One (variant, task, B) cell: outputs, correctness, step times and recorded experts."""
+    recorded = None
+    if task == "code-token":
+        windows = tasks.code_token_windows(tokenizer, count)
+        # One untimed batch first: it compiles the graphs this batch size needs.
+        decode.teacher_forced_predictions(model, windows[:batch], tasks.CODE_TOKEN_PREFIX, batch, tokenizer.pad_token_id)
+        timer = decode.DecodeStepTimer()
+        predictions = decode.teacher_forced_predictions(model, windows, tasks.CODE_TOKEN_PREFIX, batch, tokenizer.pad_token_id,
+                                                        timer, progress)
+        outputs = predictions.flatten().tolist()
+        correct = (predictions == windows[:, tasks.CODE_TOKEN_PREFIX + 1:]).flatten().tolist()
+        if variant.backend == "lynx" and record_batches:
+            with lynx_compile.record(model) as recorded:
+                decode.teacher_forced_predictions(model, windows[:batch * record_batches], tasks.CODE_TOKEN_PREFIX,
+                                                  batch, tokenizer.pad_token_id)
+    else:
+        problems = tasks.generation_problems(task, tokenizer, count, model.config.max_position_embeddings)
+        timer = decode.DecodeStepTimer()
+        new_tokens = tasks.max_new_tokens(task)
+        decode.generate_lines(model, tokenizer, problems[:batch], batch, new_tokens)  # untimed: compiles
+        outputs = decode.generate_lines(model, tokenizer, problems, batch, new_tokens, timer, progress)
+        correct = [tasks.is_correct(task, out, p.expected) for out, p in zip(outputs, problems)]
+        if variant.backend == "lynx" and record_batches:
+            with lynx_compile.record(model) as recorded:
+                decode.generate_lines(model, tokenizer, problems[:batch * record_batches], batch, new_tokens)
+    step_ms = timer.step_ms
+    row = {"variant": variant.name, "policy": variant.policy, "batch": batch, "problems": len(correct),
+           "correct": sum(correct), "accuracy": round(sum(correct) / len(correct), 4),
+           "step_ms": round(statistics.median(step_ms), 3) if step_ms else None, "decode_steps": len(step_ms)}
+    if recorded is not None:
+        layers = _experts_by_layer(recorded)
+        row["experts_by_layer"] = layers
+        if layers:
+            row["experts_before"] = round(statistics.mean(b for b, _ in layers.values()), 2)
+            row["experts_after"] = round(statistics.mean(a for _, a in layers.values()), 2)
+    return row, outputs, correct
+
+
+def compare_with_baseline(rows: list[dict], outputs: dict, correct: dict, baseline: str = "inductor") -> None:
+    """Adds ``changed_vs_<baseline>`` and ``flipped_vs_<baseline>`` to every row with a baseline."""
+    for row in rows:
+        key = (row["task"], row["batch"])
+        if (baseline, *key) not in outputs:
+            continue
+        base_out, base_ok = outputs[(baseline, *key)], correct[(baseline, *key)]
+        mine_out, mine_ok = outputs[(row["variant"], *key)], correct[(row["variant"], *key)]
+        row[f"changed_vs_{baseline}"] = sum(a != b for a, b in zip(mine_out, base_out))
+        row[f"flipped_vs_{baseline}"] = sum(a != b for a, b in zip(mine_ok, base_ok))
+        base_row = next(r for r in rows if r["variant"] == baseline and (r["task"], r["batch"]) == key)
+        row[f"accuracy_delta_points_vs_{baseline}"] = round(100 * (row["accuracy"] - base_row["accuracy"]), 2)
+        if row["step_ms"] and base_row["step_ms"]:
+            row[f"speedup_vs_{baseline}"] = round(base_row["step_ms"] / row["step_ms"], 3)
+
+
+# Batch size, prompt length, cache length and generate()'s cache state all vary during an
+# evaluation, so each variant legitimately compiles ~10 graphs before its shapes go dynamic
+# (measured; dynamic=True from the start compiled slower and no fewer). Past the default limit
+# of 8, Dynamo would silently run the rest eagerly and the timings would measure the wrong
+# thing: raise the limit, and fail loudly if even that is reached.
+DYNAMO_LIMITS = dict(recompile_limit=64, fail_on_recompile_limit_hit=True)
+
+
+def evaluate(checkpoint: str, task_names: list[str], batch_sizes: list[int], policies: list[str],
+             problems: int, dtype: torch.dtype = torch.float32, eager: bool = False,
+             record_batches: int = 2, show_progress: bool = True) -> dict:
+    """Run every variant x task x B on one checkpoint; returns the JSON-ready result."""
+    for task in task_names:
+        if task not in tasks.TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {', '.join(tasks.TASKS)}")
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive, got {batch_sizes}")
+    path = resolve_checkpoint(checkpoint)
+    with torch._dynamo.config.patch(**DYNAMO_LIMITS):
+        rows, model = _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype, eager,
+                                         record_batches, show_progress)
+    config = model.config
+    return {"checkpoint": path.name, "model_type": config.model_type,
+            "num_experts": getattr(config, "num_local_experts", None) or config.num_experts,
+            "top_k": config.num_experts_per_tok, "dtype": str(dtype).removeprefix("torch."),
+            "record_batches": record_batches, "rows": rows}
+
+
+def _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype, eager, record_batches,
+                       show_progress):
+    rows, outputs, correct = [], {}, {}
+    for variant in variants(policies, eager):
+        torch._dynamo.reset()  # each variant compiles from scratch; no cache entries shared across backends
+        model, tokenizer = load(path, dtype, variant)
+        for task in task_names:
+            for batch in batch_sizes:
+                total = -(-problems // tasks.CODE_TOKEN_STEPS) * tasks.CODE_TOKEN_STEPS if task == "code-token" else problems
+                progress = _progress(f"{path.name} {variant.name} {task} B={batch}", total, show_progress)
+                row, outs, oks = run_task(model, tokenizer, task, batch, problems, variant, record_batches, progress)
+                if progress is not None:
+                    progress.close()
+                row["task"] = task
+                rows.append(row)
+                outputs[(variant.name, task, batch)], correct[(variant.name, task, batch)] = outs, oks
+    compare_with_baseline(rows, outputs, correct)
+    if eager:
+        compare_with_baseline(rows, outputs, correct, baseline="eager")
+    return rows, model
+
+
+def _progress(description: str, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=description, total=total, unit="problem", leave=False)
