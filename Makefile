@@ -25,5 +25,8 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_moe.py
 
+eval: $(STAMP)
+	$(VENV)/bin/lynx-compile eval
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -62,7 +62,8 @@ def main():
     print("\nexample completions (prompt's last line | expected | Inductor | lynx):")
     for problem, base, mine in list(zip(problems, inductor_lines, lynx_lines))[:2]:
         last_line = tokenizer.decode(problem.prompt_ids).rstrip("\n").rsplit("\n", 1)[-1]
-        print(f"  prompt ...{last_line!r}\n    expected {problem.expected!r}\n    inductor {base!r}\n    lynx     {mine!r}")
+        print(f"  prompt ...{last_line!r}\n    expected {problem.expected!r}")
+        print(f"    inductor {base!r}\n    lynx     {mine!r}")
 
 
 if __name__ == "__main__":

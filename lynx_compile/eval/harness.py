@@ -72,22 +72,21 @@ def _experts_by_layer(recorder) -> dict[str, list[float]]:
 
 
 def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Variant,
-             record_batches: int, progress=None) -> dict:
-    """One (variant, task, B) cell: outputs, correctness, step times and recorded experts."""
+             record_batches: int, progress=None) -> tuple[dict, list, list[bool]]:
+    """One (variant, task, B) cell: its row, each problem's output and whether it was correct."""
     recorded = None
     if task == "code-token":
         windows = tasks.code_token_windows(tokenizer, count)
+        prefix, pad_id = tasks.CODE_TOKEN_PREFIX, tokenizer.pad_token_id
         # One untimed batch first: it compiles the graphs this batch size needs.
-        decode.teacher_forced_predictions(model, windows[:batch], tasks.CODE_TOKEN_PREFIX, batch, tokenizer.pad_token_id)
+        decode.teacher_forced_predictions(model, windows[:batch], prefix, batch, pad_id)
         timer = decode.DecodeStepTimer()
-        predictions = decode.teacher_forced_predictions(model, windows, tasks.CODE_TOKEN_PREFIX, batch, tokenizer.pad_token_id,
-                                                        timer, progress)
+        predictions = decode.teacher_forced_predictions(model, windows, prefix, batch, pad_id, timer, progress)
         outputs = predictions.flatten().tolist()
-        correct = (predictions == windows[:, tasks.CODE_TOKEN_PREFIX + 1:]).flatten().tolist()
+        correct = (predictions == windows[:, prefix + 1:]).flatten().tolist()
         if variant.backend == "lynx" and record_batches:
             with lynx_compile.record(model) as recorded:
-                decode.teacher_forced_predictions(model, windows[:batch * record_batches], tasks.CODE_TOKEN_PREFIX,
-                                                  batch, tokenizer.pad_token_id)
+                decode.teacher_forced_predictions(model, windows[:batch * record_batches], prefix, batch, pad_id)
     else:
         problems = tasks.generation_problems(task, tokenizer, count, model.config.max_position_embeddings)
         timer = decode.DecodeStepTimer()
@@ -163,7 +162,8 @@ def _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype,
         model, tokenizer = load(path, dtype, variant)
         for task in task_names:
             for batch in batch_sizes:
-                total = -(-problems // tasks.CODE_TOKEN_STEPS) * tasks.CODE_TOKEN_STEPS if task == "code-token" else problems
+                steps = tasks.CODE_TOKEN_STEPS
+                total = -(-problems // steps) * steps if task == "code-token" else problems
                 progress = _progress(f"{path.name} {variant.name} {task} B={batch}", total, show_progress)
                 row, outs, oks = run_task(model, tokenizer, task, batch, problems, variant, record_batches, progress)
                 if progress is not None:

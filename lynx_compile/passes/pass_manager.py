@@ -69,11 +69,18 @@ class LynxPostGradPass(CustomGraphPass):
             f"{_source_hash()}|{self.config!r}|record={self.record}".encode()).hexdigest()
 
 
+# The code that decides what the compiled graph contains. Other modules (eval, training, explain)
+# can change without invalidating every cached lynx compile.
+_COMPILE_SOURCES = ("passes", "lowering", "backend.py", "config.py", "record.py")
+
+
 @functools.cache
 def _source_hash() -> str:
     package = pathlib.Path(__file__).resolve().parent.parent
     digest = hashlib.sha256(torch.__version__.encode())
-    for path in sorted(package.rglob("*.py")):
+    files = [path for name in _COMPILE_SOURCES
+             for path in ([package / name] if name.endswith(".py") else (package / name).rglob("*.py"))]
+    for path in sorted(files):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

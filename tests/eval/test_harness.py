@@ -16,8 +16,8 @@ BATCH = 4
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     [result] = eval_main(["--checkpoint", "coarse", "--task", "arith", "code-token", "--batch-sizes", str(BATCH),
-                          "--problems", str(PROBLEMS), "--policies", "none", "--eager", "--record-batches", "1", "--no-progress",
-                          "--out", str(out)])
+                          "--problems", str(PROBLEMS), "--policies", "none", "--eager", "--record-batches", "1",
+                          "--no-progress", "--out", str(out)])
     return result, out
 
 
