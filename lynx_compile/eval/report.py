@@ -70,3 +70,22 @@ def _plot_experts(axis, rows: list[dict], num_experts: int) -> None:
                                       for l in layers], rotation=30, fontsize="small")
     axis.set(ylabel=f"distinct experts per step (of {num_experts})", title=f"B={row['batch']}", ylim=(0, num_experts))
     axis.legend(fontsize="small")
+
+
+def markdown(result: dict) -> str:
+    """The README's table: per task and B, Inductor vs lynx:affinity_binning (and lynx:none's step time)."""
+    rows = {(r["task"], r["batch"], r["variant"]): r for r in result["rows"]}
+    lines = ["| task | B | accuracy Inductor | accuracy lynx | d points | outputs changed | "
+             "experts/step plain -> lynx | step ms Inductor | lynx:none | lynx | speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for task, batch in sorted({(t, b) for t, b, _ in rows}):
+        base, none, lynx = (rows.get((task, batch, v)) for v in ("inductor", "lynx:none", "lynx:affinity_binning"))
+        if not (base and lynx):
+            continue
+        experts = (f"{lynx['experts_before']:.1f} -> {lynx['experts_after']:.1f}" if "experts_before" in lynx else "")
+        lines.append(
+            f"| {task} | {batch} | {100 * base['accuracy']:.1f}% | {100 * lynx['accuracy']:.1f}% | "
+            f"{lynx['accuracy_delta_points_vs_inductor']:+.1f} | {lynx['changed_vs_inductor']}/{lynx['problems']} | "
+            f"{experts} | {base['step_ms']:.2f} | {none['step_ms'] if none else float('nan'):.2f} | "
+            f"{lynx['step_ms']:.2f} | {lynx['speedup_vs_inductor']:.2f}x |")
+    return "\n".join(lines)
