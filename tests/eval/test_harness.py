@@ -8,14 +8,15 @@ import torch
 from lynx_compile.eval import decode, harness, tasks
 from lynx_compile.eval.__main__ import main as eval_main
 
-PROBLEMS = 8
+PROBLEMS = 4  # one batch: one prompt length, so each variant compiles the fewest graphs
 BATCH = 4
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
+    # One task, one batch: ~2 minutes with a cold compile cache (each variant compiles prefill and decode).
     out = tmp_path_factory.mktemp("eval")
-    [result] = eval_main(["--checkpoint", "coarse", "--task", "arith", "code-token", "--batch-sizes", str(BATCH),
+    [result] = eval_main(["--checkpoint", "coarse", "--task", "arith", "--batch-sizes", str(BATCH),
                           "--problems", str(PROBLEMS), "--policies", "none", "--eager", "--record-batches", "1",
                           "--no-progress", "--out", str(out)])
     return result, out
@@ -35,7 +36,7 @@ def test_writes_json_and_plot(result):
 def test_policy_none_matches_the_uncompiled_model(result):
     result, _ = result
     eager, none = rows_of(result, "eager"), rows_of(result, "lynx:none")
-    for task in ("arith", "code-token"):
+    for task in ("arith",):  # code-token's decoding is checked against a plain forward below
         assert none[task]["problems"] == eager[task]["problems"] >= PROBLEMS
         assert none[task]["accuracy"] == eager[task]["accuracy"]
         assert none[task]["flipped_vs_eager"] == 0
