@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cli.error(f"--problems must be positive, got {args.problems}")
     if min(args.batch_sizes) < 1:
         cli.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    for checkpoint in args.checkpoint:
+        try:
+            harness.resolve_checkpoint(checkpoint)
+        except FileNotFoundError as error:
+            cli.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine.describe()

@@ -75,6 +75,6 @@ def test_bad_input_is_named():
         harness.resolve_checkpoint("no-such-checkpoint")
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
         harness.evaluate("coarse", ["poetry"], [1], ["none"], 4)
-    for bad in (["--problems", "0"], ["--batch-sizes", "16", "0"]):
+    for bad in (["--problems", "0"], ["--batch-sizes", "16", "0"], ["--checkpoint", "no-such-checkpoint"]):
         with pytest.raises(SystemExit):
             eval_main(bad)
