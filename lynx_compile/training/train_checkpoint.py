@@ -36,8 +36,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from lynx_compile.eval import corpora
-from lynx_compile.eval.decode import left_pad
+from lynx_compile.eval import corpora, decode, tasks
 from lynx_compile.eval.tasks import encode
 
 CONTEXT = 256
@@ -329,44 +328,24 @@ def router_stats(code_logits: list[torch.Tensor], arith_logits: list[torch.Tenso
             "layers": layers}
 
 
-@torch.no_grad()
-def greedy_first_lines(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int) -> list[str]:
-    """Greedy continuation of each prompt, cut at its first newline."""
-    [newline] = encode(tokenizer, ["\n"])[0]  # the tokenizer keeps every newline a token of its own
-    lines = []
-    for i in range(0, len(prompts), batch):
-        ids, mask = left_pad(prompts[i:i + batch], tokenizer.pad_token_id)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=[newline, tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, ids.shape[1]:]:
-            lines.append(tokenizer.decode(row, skip_special_tokens=True).split("\n", 1)[0])
-    return lines
-
-
 def arith_exact_match(model, tokenizer) -> dict:
-    problems = corpora.arith_problems("heldout", ARITH_EVAL_PROBLEMS, seed=0)
-    prompts = tokenizer([p for p, _ in problems])["input_ids"]  # EOS (as BOS) + prompt
-    outputs = greedy_first_lines(model, tokenizer, prompts, max_new_tokens=8, batch=100)
+    problems = tasks.arith_problems(tokenizer, ARITH_EVAL_PROBLEMS)
+    outputs = decode.generate_lines(model, tokenizer, problems, batch=100, max_new_tokens=tasks.ARITH_MAX_NEW_TOKENS)
     by_op: dict[str, list[bool]] = {op: [] for op in corpora.ARITH_OPS}
-    for (prompt, answer), output in zip(problems, outputs):
-        op = re.fullmatch(r"\d+(\D)\d+=", prompt).group(1)
-        by_op[op].append(output.strip() == answer)
+    for problem, output in zip(problems, outputs):
+        op = re.fullmatch(r"\d+(\D)\d+=", tokenizer.decode(problem.prompt_ids, skip_special_tokens=True)).group(1)
+        by_op[op].append(tasks.is_correct("arith", output, problem.expected))
     hits = [hit for results in by_op.values() for hit in results]
     return {"problems": len(hits), "exact_match": round(sum(hits) / len(hits), 4),
             "by_op": {op: round(sum(r) / len(r), 4) for op, r in by_op.items() if r}}
 
 
 def code_line_exact_match(model, tokenizer) -> dict:
-    problems = corpora.code_line_problems(CODE_LINE_PROBLEMS, seed=0)
-    budget = CONTEXT - CODE_LINE_MAX_NEW_TOKENS
-    prompts = []
-    for ids in encode(tokenizer, [prefix for prefix, _ in problems]):
-        # Whole file fits: start it like training documents start, with EOS. Else keep the tail.
-        prompts.append([tokenizer.eos_token_id] + ids if len(ids) < budget else ids[-budget:])
-    outputs = greedy_first_lines(model, tokenizer, prompts, CODE_LINE_MAX_NEW_TOKENS, batch=50)
-    hits = sum(output.rstrip() == line for output, (_, line) in zip(outputs, problems))
+    problems = tasks.code_line_problems(tokenizer, CODE_LINE_PROBLEMS, CONTEXT, CODE_LINE_MAX_NEW_TOKENS)
+    outputs = decode.generate_lines(model, tokenizer, problems, batch=50, max_new_tokens=CODE_LINE_MAX_NEW_TOKENS)
+    hits = sum(tasks.is_correct("code-line", output, problem.expected) for output, problem in zip(outputs, problems))
     return {"problems": len(problems), "exact_match": round(hits / len(problems), 4),
-            "prompt_tokens_max": budget}
+            "prompt_tokens_max": CONTEXT - CODE_LINE_MAX_NEW_TOKENS}
 
 
 def evaluate(model, tokenizer) -> dict:
