@@ -19,10 +19,10 @@ import lynx_compile
 from lynx_compile.eval import decode, harness, tasks
 
 
-def complete(variant, problems, batch):
-    """(completions, median decode-step ms) after a first, compiling, pass."""
+def complete(path, variant, problems, batch):
+    """(completions, median decode-step ms, lynx's record or None) after a first, compiling, pass."""
     torch._dynamo.reset()
-    model, tokenizer = harness.load(harness.resolve_checkpoint("coarse"), torch.float32, variant)
+    model, tokenizer = harness.load(path, torch.float32, variant)
     new_tokens = tasks.max_new_tokens("code-line")
     decode.generate_lines(model, tokenizer, problems, batch, new_tokens)  # compiles
     timer = decode.DecodeStepTimer()
@@ -47,8 +47,8 @@ def main():
     print(f"checkpoint {path.name}: Mixtral-style, 8 experts, top-2; {args.batch} held-out code prompts "
           f"decoded together (greedy, generate()), {torch.get_num_threads()} threads\n")
 
-    inductor_lines, inductor_ms, _ = complete(harness.Variant("inductor", "inductor"), problems, args.batch)
-    lynx_lines, lynx_ms, recorder = complete(harness.Variant("lynx", "lynx"), problems, args.batch)
+    inductor_lines, inductor_ms, _ = complete(path, harness.Variant("inductor", "inductor"), problems, args.batch)
+    lynx_lines, lynx_ms, recorder = complete(path, harness.Variant("lynx", "lynx"), problems, args.batch)
 
     def exact(lines):
         return sum(tasks.is_correct("code-line", line, p.expected) for line, p in zip(lines, problems))

@@ -74,29 +74,31 @@ def _experts_by_layer(recorder) -> dict[str, list[float]]:
 def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Variant,
              record_batches: int, progress=None) -> tuple[dict, list, list[bool]]:
     """One (variant, task, B) cell: its row, each problem's output and whether it was correct."""
-    recorded = None
     if task == "code-token":
-        windows = tasks.code_token_windows(tokenizer, count)
+        items = tasks.code_token_windows(tokenizer, count)
         prefix, pad_id = tasks.CODE_TOKEN_PREFIX, tokenizer.pad_token_id
-        # One untimed batch first: it compiles the graphs this batch size needs.
-        decode.teacher_forced_predictions(model, windows[:batch], prefix, batch, pad_id)
-        timer = decode.DecodeStepTimer()
-        predictions = decode.teacher_forced_predictions(model, windows, prefix, batch, pad_id, timer, progress)
-        outputs = predictions.flatten().tolist()
-        correct = (predictions == windows[:, prefix + 1:]).flatten().tolist()
-        if variant.backend == "lynx" and record_batches:
-            with lynx_compile.record(model) as recorded:
-                decode.teacher_forced_predictions(model, windows[:batch * record_batches], prefix, batch, pad_id)
+
+        def run(chunk, timer=None, progress=None):
+            return decode.teacher_forced_predictions(model, chunk, prefix, batch, pad_id, timer, progress)
     else:
-        problems = tasks.generation_problems(task, tokenizer, count, model.config.max_position_embeddings)
-        timer = decode.DecodeStepTimer()
+        items = tasks.generation_problems(task, tokenizer, count, model.config.max_position_embeddings)
         new_tokens = tasks.max_new_tokens(task)
-        decode.generate_lines(model, tokenizer, problems[:batch], batch, new_tokens)  # untimed: compiles
-        outputs = decode.generate_lines(model, tokenizer, problems, batch, new_tokens, timer, progress)
-        correct = [tasks.is_correct(task, out, p.expected) for out, p in zip(outputs, problems)]
-        if variant.backend == "lynx" and record_batches:
-            with lynx_compile.record(model) as recorded:
-                decode.generate_lines(model, tokenizer, problems[:batch * record_batches], batch, new_tokens)
+
+        def run(chunk, timer=None, progress=None):
+            return decode.generate_lines(model, tokenizer, chunk, batch, new_tokens, timer, progress)
+
+    run(items[:batch])  # one untimed batch first: it compiles the graphs this batch size needs
+    timer = decode.DecodeStepTimer()
+    outputs = run(items, timer, progress)
+    recorded = None
+    if variant.backend == "lynx" and record_batches:
+        with lynx_compile.record(model) as recorded:
+            run(items[:batch * record_batches])
+    if task == "code-token":
+        correct = (outputs == items[:, prefix + 1:]).flatten().tolist()
+        outputs = outputs.flatten().tolist()
+    else:
+        correct = [tasks.is_correct(task, out, p.expected) for out, p in zip(outputs, items)]
     step_ms = timer.step_ms
     row = {"variant": variant.name, "policy": variant.policy, "batch": batch, "problems": len(correct),
            "correct": sum(correct), "accuracy": round(sum(correct) / len(correct), 4),
