@@ -36,6 +36,7 @@ class SiteSummary:
     phase: str | None  # decode | prefill | runtime | unknown
     rewritten: bool
     reason: str
+    experts: str | None = None  # the expert dispatch after the site: "fused: ..." or "kept: why"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +61,12 @@ class ExplainReport:
         return [s for s in self.sites if s.rewritten]
 
     def table(self) -> str:
-        header = ("graph", "site", "router", "E", "k", "dispatch", "rewritten", "reason")
+        header = ("graph", "site", "router", "E", "k", "dispatch", "rewritten", "reason", "experts")
         rows = [header]
         for s in self.sites:
             rows.append((str(s.graph), s.module_path or s.node, s.router_form or "-",
                          str(s.num_experts or "-"), str(s.top_k or "-"), s.dispatch or "-",
-                         "yes" if s.rewritten else "no", s.reason))
+                         "yes" if s.rewritten else "no", s.reason, s.experts or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -105,5 +106,5 @@ def explain(model: torch.nn.Module, *example_args: Any, config: LynxConfig | Non
                 is_routing=site.is_routing, router_form=site.router_form,
                 num_experts=site.num_experts, top_k=site.top_k, dispatch=site.dispatch,
                 phase=site.phase.mode if site.phase else None, rewritten=site.rewritten,
-                reason=site.reason))
+                reason=site.reason, experts=site.experts))
     return ExplainReport(config, graphs, sites)

@@ -23,5 +23,6 @@ def measure_read_bandwidth(megabytes: int = 512) -> float:
 
 def describe() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "vector_isa": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "read_bandwidth_gbs": round(measure_read_bandwidth(), 1)}

@@ -11,6 +11,15 @@ lynx::observe_selection(plain_indices, chosen_indices, router_weight, num_expert
     Identity on `chosen_indices` that reports both index sets to an active `lynx_compile.record()`;
     the router weight identifies the layer when one compiled graph serves several.
     Only compiled in by the recording variant of a graph.
+
+lynx::moe_experts(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate?, b_up?, b_down?,
+                  activation, alpha, limit) -> (T, H)
+    The expert computation after routing, for the experts present in `topk_ids` only, each
+    expert's weights read once: sum_j topk_weights[t, j] * down(act(gate(x_t), up(x_t))) with
+    expert topk_ids[t, j]. Weights are (E, I, H), (E, I, H), (E, H, I) views of the model's
+    parameters (any layout with a unit stride, so nothing is copied). CPU: the C++ kernel in
+    kernels/moe_experts_cpu.cpp; CUDA: the Triton kernels (the pass emits lynx.fused_moe_triton
+    directly there, so Inductor schedules them). Opaque to Inductor: a library call.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from __future__ import annotations
 import torch
 
 from . import selection
+from .kernels.fused_moe_triton import fused_moe_triton
+from .kernels.moe_experts_cpu import moe_experts_cpu
 
 _lib = torch.library.Library("lynx", "FRAGMENT")  # noqa: TOR901 - kept alive for the process
 
@@ -27,6 +38,10 @@ _lib.define(
 _lib.define(
     "observe_selection(Tensor plain_indices, Tensor chosen_indices, Tensor router_weight, int num_experts, "
     "SymInt decode_token_bound, str site) -> Tensor")
+_lib.define(
+    "moe_experts(Tensor hidden, Tensor topk_weights, Tensor topk_ids, Tensor w_gate, Tensor w_up, "
+    "Tensor w_down, Tensor? b_gate, Tensor? b_up, Tensor? b_down, str activation, float alpha, "
+    "float limit) -> Tensor")
 
 
 def _batch_select_impl(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound):
@@ -51,11 +66,20 @@ def _observe_fake(plain_indices, chosen_indices, router_weight, num_experts, dec
     return torch.empty_like(chosen_indices)
 
 
+def _moe_experts_fake(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
+                      activation, alpha, limit):
+    return hidden.new_empty(hidden.shape)
+
+
 for _key in ("CPU", "CUDA"):
     _lib.impl("batch_select", _batch_select_impl, _key)
     _lib.impl("observe_selection", _observe_impl, _key)
+_lib.impl("moe_experts", moe_experts_cpu, "CPU")
+_lib.impl("moe_experts", fused_moe_triton, "CUDA")
 torch.library.register_fake("lynx::batch_select", _batch_select_fake, lib=_lib)
 torch.library.register_fake("lynx::observe_selection", _observe_fake, lib=_lib)
+torch.library.register_fake("lynx::moe_experts", _moe_experts_fake, lib=_lib)
 
 batch_select = torch.ops.lynx.batch_select.default
 observe_selection = torch.ops.lynx.observe_selection.default
+moe_experts = torch.ops.lynx.moe_experts.default

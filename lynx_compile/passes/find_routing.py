@@ -48,6 +48,7 @@ class RoutingSite:
     router_weight: Node | None = None  # the (E, H) parameter, as a graph input
     phase: PhaseDecision | None = None
     rewritten: bool = False
+    experts: str | None = None  # what happened to the expert dispatch after it (fused / kept, why)
     dynamo_node: str | None = None
 
     @property

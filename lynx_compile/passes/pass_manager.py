@@ -2,8 +2,10 @@
 
 Order, fixed (each stage reads what the previous one left):
   1. find_routing    classify every aten.topk (routing site or not, and why)
-  2. rewrite_routing routing top-k -> lynx.batch_select (decode sites, policy != none)
-  3. expand          lynx.batch_select -> its aten body, for Inductor to generate code from
+  2. fuse_experts    the expert dispatch after a decode site -> lynx.moe_experts
+                     (config.experts; it reads the top-k's outputs, so it runs before 3)
+  3. rewrite_routing routing top-k -> lynx.batch_select (decode sites, policy != none)
+  4. expand          lynx.batch_select -> its aten body, for Inductor to generate code from
 
 The pass runs as Inductor's `post_grad_custom_pre_pass`, i.e. on the functionalized aten graph
 right after dead-code elimination and before Inductor's own pattern passes, so those still see
@@ -29,6 +31,7 @@ from torch.fx import Graph
 from ..config import LynxConfig
 from ..lowering.expand_batch_select import expand_batch_select
 from .find_routing import RoutingSite, find_routing_sites
+from .fuse_experts import fuse_expert_dispatches
 from .rewrite_routing import observe_plain_sites, rewrite_routing_sites
 
 HOOK = "post_grad_custom_pre_pass"
@@ -54,6 +57,7 @@ class LynxPostGradPass(CustomGraphPass):
     def __call__(self, graph: Graph) -> None:
         before = str(graph) if self.on_report else ""
         sites = find_routing_sites(graph, self.config)
+        fuse_expert_dispatches(graph, sites, self.config)
         rewrite_routing_sites(graph, sites, self.config)
         if self.record:
             observe_plain_sites(graph, sites)
@@ -79,7 +83,8 @@ def _source_hash() -> str:
     package = pathlib.Path(__file__).resolve().parent.parent
     digest = hashlib.sha256(torch.__version__.encode())
     files = [path for name in _COMPILE_SOURCES
-             for path in ([package / name] if name.endswith(".py") else (package / name).rglob("*.py"))]
+             for path in ([package / name] if name.endswith(".py") else
+                          [*(package / name).rglob("*.py"), *(package / name).rglob("*.cpp")])]
     for path in sorted(files):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())

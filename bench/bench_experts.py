@@ -1,0 +1,200 @@
+"""Expert compute: lynx.moe_experts vs transformers' experts implementations under Inductor.
+
+    python bench/bench_experts.py            # B in 1, 8, 16, 32, 64; ~25 min on 2 cores (mostly compiling)
+    python bench/bench_experts.py --quick    # B in 1, 16
+
+Three cases, bf16, random weights: the Mixtral-shaped MoE block (H=1024, I=2816, E=8, k=2), a
+fine-grained block (H=1024, I=512, E=64, k=8) and the examples' small model's whole decode step.
+Routers are skewed the way trained routers look inside one decode batch: each token's hidden
+state shares a component that raises three experts' logits, so top-1s concentrate and the
+second choices are diverse, weak leftovers (what Lynx's AffinityBinning remaps).
+
+Per batch size B, every variant runs in this process, one after another:
+  inductor:grouped_mm / inductor:batched_mm   default Inductor, transformers' two implementations
+  lynx:none+fused        policy none, dispatch replaced by lynx.moe_experts (same routing)
+  lynx:binning+keep      AffinityBinning, transformers' grouped_mm dispatch kept
+  lynx:binning+fused     AffinityBinning + lynx.moe_experts (the default of backend="lynx")
+  (block cases) eager experts loop under Inductor, with and without AffinityBinning
+and, for the blocks, the fused op alone on that batch's routing, against the read-bandwidth
+limit (bytes of the experts present / bandwidth measured in this run).
+Writes bench/results/bench_experts.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+
+import torch
+import transformers
+
+import lynx_compile
+from lynx_compile import machine
+from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+from bench_moe import time_call  # noqa: E402
+from small_model import small_mixtral  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+SKEW_LOGITS = 2.0  # how far the shared component raises the favoured experts' logits
+FAVOURED = (0, 1, 2)
+
+
+def skew_direction(router_weight: torch.Tensor) -> torch.Tensor:
+    """A hidden-state direction that raises the favoured experts' logits by ~SKEW_LOGITS."""
+    rows = router_weight.float()[list(FAVOURED)]  # (3, H)
+    direction = torch.linalg.lstsq(rows, torch.full((len(FAVOURED),), SKEW_LOGITS)).solution
+    return direction.to(router_weight.dtype)  # (H,)
+
+
+def moe_block(hidden, intermediate, experts, top_k, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                        num_local_experts=experts, num_experts_per_tok=top_k)
+    config._experts_implementation = "grouped_mm"
+    block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(config)
+    torch.nn.init.normal_(block.experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(block.experts.down_proj, std=0.02)
+    torch.nn.init.normal_(block.gate.weight, std=1.5 / hidden ** 0.5)  # trained-like logit spread
+    return block.to(torch.bfloat16).eval()
+
+
+def set_experts_impl(module, impl):
+    for sub in module.modules():
+        if hasattr(sub, "config") and hasattr(sub.config, "_experts_implementation"):
+            sub.config._experts_implementation = impl
+
+
+VARIANTS = {  # name: (experts implementation, lynx options or None for default Inductor)
+    "inductor:grouped_mm": ("grouped_mm", None),
+    "inductor:batched_mm": ("batched_mm", None),
+    "lynx:none+fused": ("grouped_mm", {"policy": "none", "experts": "fused"}),
+    "lynx:binning+keep": ("grouped_mm", {"experts": "keep"}),
+    "lynx:binning+fused": ("grouped_mm", {}),
+    "inductor:eager-loop": ("eager", None),
+    "lynx:binning+eager-loop": ("eager", {}),
+}
+
+
+def compiled(module, options):
+    if options is None:
+        return torch.compile(module)
+    return torch.compile(module, backend="lynx", options=options)
+
+
+def run_case(name, module, make_input, batches, repeats, variants, fused_op_inputs=None, bandwidth=None):
+    rows = []
+    functions = {variant: compiled(module, VARIANTS[variant][1]) for variant in variants}
+    with torch.no_grad():
+        for batch in batches:
+            inputs = make_input(batch)
+            row = {"case": name, "batch": batch}
+            for variant in variants:
+                set_experts_impl(module, VARIANTS[variant][0])
+                row[f"{variant}_ms"] = time_call(functions[variant], inputs, repeats=repeats)
+            set_experts_impl(module, "grouped_mm")
+            with lynx_compile.record() as rec:
+                functions["lynx:binning+fused"](inputs)
+            summary = list(rec.summary().values())
+            row["experts_before"] = statistics.mean(s["experts_before"] for s in summary)
+            row["experts_after"] = statistics.mean(s["experts_after"] for s in summary)
+            baseline = min(row["inductor:grouped_mm_ms"], row["inductor:batched_mm_ms"])
+            row["best_transformers_ms"] = baseline
+            for variant in variants:
+                row[f"{variant}_speedup"] = baseline / row[f"{variant}_ms"]
+            if fused_op_inputs is not None:
+                row.update(fused_op_alone(module, inputs, fused_op_inputs, bandwidth, repeats))
+            rows.append(row)
+            print(format_row(row, variants), flush=True)
+    return rows
+
+
+def fused_op_alone(block, inputs, weights, bandwidth, repeats):
+    """lynx.moe_experts on this batch's plain top-k routing, against the bandwidth limit."""
+    hidden = inputs.view(-1, inputs.shape[-1])
+    _, routing_weights, ids = block.gate(hidden)
+    present = ids.unique().numel()
+    w_gate, w_up, w_down = weights
+    bytes_read = present * (w_gate[0].numel() + w_up[0].numel() + w_down[0].numel()) * w_gate.element_size()
+    ms = time_call(lambda: moe_experts_cpu(hidden, routing_weights, ids, w_gate, w_up, w_down,
+                                           None, None, None, "silu"), repeats=repeats)
+    limit_ms = bytes_read / (bandwidth * 1e9) * 1e3
+    return {"op_ms": ms, "op_experts": present, "bandwidth_limit_ms": limit_ms,
+            "op_bandwidth_fraction": limit_ms / ms}
+
+
+def format_row(row, variants):
+    cells = [f"{row['case']:<13}", f"{row['batch']:>3}"]
+    cells += [f"{row[f'{v}_ms']:>8.2f} ({row[f'{v}_speedup']:.2f}x)" for v in variants]
+    cells.append(f"{row['experts_before']:>5.1f} -> {row['experts_after']:<5.1f}")
+    if "op_ms" in row:
+        cells.append(f"op {row['op_ms']:.2f} ms, limit {row['bandwidth_limit_ms']:.2f} ms "
+                     f"({row['op_bandwidth_fraction']:.0%} of bandwidth)")
+    return " ".join(cells)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
+    for axis, case in zip(axes[0], cases):
+        case_rows = [r for r in rows if r["case"] == case]
+        batches = [r["batch"] for r in case_rows]
+        for variant in VARIANTS:
+            if f"{variant}_ms" in case_rows[0]:
+                axis.plot(batches, [r[f"{variant}_ms"] for r in case_rows], marker="o", label=variant)
+        if "bandwidth_limit_ms" in case_rows[0]:
+            axis.plot(batches, [r["bandwidth_limit_ms"] for r in case_rows], "k--", label="read-bandwidth limit")
+        axis.set(title=case, xlabel="decode batch size B", ylabel="ms per call", xscale="log", yscale="log")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    torch._dynamo.config.recompile_limit = 64  # several backends compile the same code objects
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    batches = (1, 16) if args.quick else (1, 8, 16, 32, 64)
+    repeats = 5 if args.quick else 10
+
+    info = machine.describe()
+    bandwidth = info["read_bandwidth_gbs"]
+    print(f"machine: {info}")
+    block_variants = list(VARIANTS)
+    model_variants = [v for v in VARIANTS if "eager-loop" not in v]
+    rows = []
+    for name, shape in (("mixtral-block", (1024, 2816, 8, 2)), ("fine-block", (1024, 512, 64, 8))):
+        block = moe_block(*shape)
+        skew = skew_direction(block.gate.weight)
+        experts = block.experts
+        inter = shape[1]
+        weights = (experts.gate_up_proj[:, :inter], experts.gate_up_proj[:, inter:], experts.down_proj)
+        print(f"\n{name} (H, I, E, k) = {shape}; ms per call (speedup vs the best default-Inductor implementation)")
+        print("variants:", ", ".join(block_variants))
+        make_input = (lambda b, s=skew, h=shape[0]: torch.randn(b, 1, h, dtype=torch.bfloat16) + s)
+        rows += run_case(name, block, make_input, batches, repeats, block_variants, weights, bandwidth)
+        torch._dynamo.reset()
+
+    model = small_mixtral()
+    print("\nsmall-model decode step; variants:", ", ".join(model_variants))
+    rows += run_case("small-model", model, lambda b: torch.randint(3, model.config.vocab_size, (b, 1)),
+                     batches, repeats, model_variants)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_experts.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    plot(rows, RESULTS / "bench_experts.png")
+    print(f"wrote {RESULTS / 'bench_experts.json'} and {RESULTS / 'bench_experts.png'}")
+
+
+if __name__ == "__main__":
+    main()

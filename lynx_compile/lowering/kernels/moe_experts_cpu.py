@@ -1,0 +1,101 @@
+"""CPU fused MoE expert compute: `moe_experts_cpu.cpp`, built the way Inductor builds its kernels.
+
+The C++ source ships with the package and is compiled on first use by Inductor's own
+`CppCodeCache` (same compiler, OpenMP and vector-ISA flags as Inductor's generated C++, and its
+on-disk cache, so a process pays the ~5 s build once per machine). Calls go through ctypes with
+raw pointers; this module checks every shape, dtype and stride first, so the C++ side trusts them.
+
+Same semantics as `fused_moe_triton.fused_moe_reference`: gate/up projections, the activation
+and its output rounded to hidden's dtype, down projection and routing-weighted sum in fp32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import pathlib
+from typing import Optional
+
+import torch
+
+from .fused_moe_triton import ACTIVATIONS, _check_inputs
+
+SOURCE = pathlib.Path(__file__).with_name("moe_experts_cpu.cpp")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_ARGTYPES = (
+    [_ptr, ctypes.c_int, _ptr, _ptr]  # hidden, hidden dtype, pair weights, ids
+    + [_i64] * 5  # T, k, E, H, I
+    + [ctypes.c_int]  # weight dtype
+    + [_ptr, _i64, _i64, _i64] * 3  # w_gate, w_up, w_down with (e, n, k) strides
+    + [_ptr] * 3  # b_gate, b_up, b_down
+    + [ctypes.c_int, ctypes.c_float, ctypes.c_float]  # activation, alpha, limit
+    + [_ptr, ctypes.c_int]  # out, threads
+)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    from torch._inductor.codecache import CppCodeCache
+
+    library = CppCodeCache.load(SOURCE.read_text())
+    function = library.lynx_moe_experts
+    function.argtypes = _ARGTYPES
+    function.restype = ctypes.c_int
+    return library
+
+
+def _weight_args(weight: torch.Tensor) -> list:
+    return [weight.data_ptr(), *weight.stride()]
+
+
+def _bias(bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], int]:
+    if bias is None:
+        return None, 0
+    contiguous = bias.float().contiguous()
+    return contiguous, contiguous.data_ptr()
+
+
+def moe_experts_cpu(
+    hidden: torch.Tensor,  # (T, H) fp32/bf16
+    topk_weights: torch.Tensor,  # (T, k) any float dtype
+    topk_ids: torch.Tensor,  # (T, k) integer, in [0, E)
+    w_gate: torch.Tensor,  # (E, I, H), unit stride along H or along I
+    w_up: torch.Tensor,  # (E, I, H), same
+    w_down: torch.Tensor,  # (E, H, I), unit stride along I or along H
+    b_gate: Optional[torch.Tensor],  # (E, I) or None
+    b_up: Optional[torch.Tensor],  # (E, I) or None
+    b_down: Optional[torch.Tensor],  # (E, H) or None
+    activation: str,  # "silu" or "gpt_oss"
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:  # (T, H) hidden.dtype
+    _check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+    if hidden.dtype not in _DTYPES:
+        raise ValueError(f"hidden dtype {hidden.dtype}: the CPU kernel takes {sorted(map(str, _DTYPES))}")
+    for name, weight in (("hidden", hidden), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if weight.device.type != "cpu":
+            raise ValueError(f"{name} is on {weight.device}; the CPU kernel takes CPU tensors")
+    # The kernel streams weights along a unit stride; any other view is copied (correct, slow).
+    w_gate, w_up, w_down = (w if 1 in w.stride()[1:] else w.contiguous() for w in (w_gate, w_up, w_down))
+    num_tokens, hidden_size = hidden.shape
+    top_k = topk_ids.shape[1]
+    num_experts, inter_size, _ = w_gate.shape
+    hidden = hidden.contiguous()
+    pair_weights = topk_weights.float().contiguous()
+    ids = topk_ids.to(torch.int64).contiguous()
+    biases = [_bias(b) for b in (b_gate, b_up, b_down)]  # keeps the fp32 copies alive for the call
+    out = torch.empty_like(hidden)
+    status = _library().lynx_moe_experts(
+        hidden.data_ptr(), _DTYPES[hidden.dtype], pair_weights.data_ptr(), ids.data_ptr(),
+        num_tokens, top_k, num_experts, hidden_size, inter_size,
+        _DTYPES[hidden.dtype],
+        *_weight_args(w_gate), *_weight_args(w_up), *_weight_args(w_down),
+        *(pointer for _, pointer in biases),
+        ACTIVATIONS[activation], alpha, limit,
+        out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts}): "
+                         f"min {int(ids.min())}, max {int(ids.max())}")
+    return out

@@ -1,0 +1,145 @@
+"""The expert-dispatch fusion: which dispatches become lynx.moe_experts, op counts, numerics."""
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import lynx_compile
+from lynx_compile.config import LynxConfig
+from lynx_compile.passes.find_routing import find_routing_sites
+from lynx_compile.passes.fuse_experts import fuse_expert_dispatches
+from moe_models import ARCHS, GptFastMoE, PassOnlyBackend, count_ops, decode_hidden, moe_block
+from test_rewrite_routing import capture_aten_graph
+
+MOE_EXPERTS = "lynx.moe_experts.default"
+# The ops each experts implementation computes its expert matmuls with (post-grad, CPU).
+EXPERT_MATMULS = ("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default", "aten.bmm.default")
+FUSED = LynxConfig(policy="none", experts="fused")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def run_pass_only(module, inputs, config):
+    backend = PassOnlyBackend(config)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(module, backend=backend)(inputs)
+    return backend, out[0] if isinstance(out, tuple) else out
+
+
+def assert_close_relative(got, expected, dtype):
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    error = (got.float() - expected.float()).abs().max() / scale
+    assert error <= TOLERANCE[dtype], f"relative error {error:.2e}"
+
+
+def test_stage_replaces_the_dispatch_and_nothing_else():
+    gm = capture_aten_graph(moe_block("mixtral"), decode_hidden(8))
+    before = count_ops(gm.graph)
+    assert before["transformers.grouped_mm_fallback.default"] == 2 and before[MOE_EXPERTS] == 0
+
+    sites = find_routing_sites(gm.graph, FUSED)
+    assert fuse_expert_dispatches(gm.graph, sites, FUSED) == 1
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    after = count_ops(gm.graph)
+    assert after[MOE_EXPERTS] == 1
+    for op in ("transformers.grouped_mm_fallback.default", "aten.sort.default", "aten.histc.default",
+               "aten.index_put.default"):
+        assert after[op] == 0, op
+    # The router and the routing weights are untouched.
+    for op in ("aten.mm.default", "aten.topk.default", "aten.amax.default"):
+        assert after[op] == before[op], op
+    assert sites[0].experts.startswith("fused: grouped_mm dispatch")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("experts_impl", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_architecture_and_implementation_fuses_and_matches_eager(arch, experts_impl, dtype):
+    block = moe_block(arch, experts_impl=experts_impl, dtype=dtype)
+    hidden = decode_hidden(8, dtype)
+    with torch.no_grad():
+        expected = block(hidden)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    backend, got = run_pass_only(block, hidden, FUSED)
+    [site] = backend.routing_sites
+    assert site.experts.startswith("fused:"), site.experts
+    assert backend.total("after", MOE_EXPERTS) == 1
+    assert sum(backend.total("before", op) for op in EXPERT_MATMULS) == 2
+    assert sum(backend.total("after", op) for op in EXPERT_MATMULS) == 0
+    assert_close_relative(got, expected, dtype)
+
+
+def test_gpt_oss_layout_is_recognised():
+    backend, _ = run_pass_only(moe_block("gpt_oss"), decode_hidden(4), FUSED)
+    assert "gpt_oss, gate/up interleaved fused, transposed, biased" in backend.routing_sites[0].experts
+
+
+def test_gpt_fast_gather_einsum_fuses_with_separate_weights():
+    module = GptFastMoE()
+    hidden = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        expected = module(hidden)
+    backend, got = run_pass_only(module, hidden, FUSED)
+    assert "silu, gate/up separate" in backend.routing_sites[0].experts
+    assert backend.total("after", MOE_EXPERTS) == 1 and backend.total("after", "aten.bmm.default") == 0
+    assert_close_relative(got, expected, torch.float32)
+
+
+class GeluExpertsMoE(GptFastMoE):
+    """Gated experts with GELU: a dispatch the fused op does not compute."""
+
+    def experts_for_tokens(self, x):
+        scores = torch.softmax(self.gate(x), dim=-1)
+        weights, indices = torch.topk(scores, self.activated, dim=-1)
+        x1 = torch.nn.functional.gelu(torch.einsum("td,taid->tai", x, self.w1[indices]))
+        x3 = torch.einsum("td,taid->tai", x, self.w3[indices])
+        out = torch.einsum("tai,tadi->tad", x1 * x3, self.w2[indices])
+        return torch.einsum("tad,ta->td", out, weights)
+
+
+def test_a_dispatch_no_layout_explains_stays_as_it_was():
+    backend, _ = run_pass_only(GeluExpertsMoE(), torch.randn(4, 1, 32), FUSED)
+    [site] = backend.routing_sites
+    assert site.experts.startswith("kept:") and "no fused expert layout" in site.experts
+    assert backend.after == backend.before
+
+
+def test_eager_experts_keep_their_loop_with_the_reason():
+    backend, _ = run_pass_only(moe_block("mixtral", experts_impl="eager"), decode_hidden(4), FUSED)
+    [site] = backend.routing_sites
+    assert site.experts.startswith("kept:") and "no (tokens, hidden) output" in site.experts
+    assert backend.total("after", MOE_EXPERTS) == 0
+
+
+@pytest.mark.parametrize("config, fused", [
+    (LynxConfig(policy="none"), False),  # experts="auto" fuses only when selecting
+    (LynxConfig(experts="keep"), False),
+    (LynxConfig(), True),
+])
+def test_config_decides(config, fused):
+    backend, _ = run_pass_only(moe_block("qwen3_moe"), decode_hidden(4), config)
+    assert backend.total("after", MOE_EXPERTS) == int(fused)
+
+
+@pytest.mark.parametrize("arch, dtype", [("mixtral", torch.bfloat16), ("gpt_oss", torch.float32)])
+def test_inductor_policy_none_fused_matches_default_inductor_and_passes_weight_views(arch, dtype):
+    block = moe_block(arch, dtype=dtype)
+    hidden = decode_hidden(8, dtype)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = torch.compile(block)(hidden)
+        torch._dynamo.reset()
+        got, [code] = run_and_get_code(
+            torch.compile(block, backend="lynx", options={"policy": "none", "experts": "fused"}), hidden)
+    assert_close_relative(got[0], expected[0], dtype)
+    [call] = [line for line in code.splitlines() if "torch.ops.lynx.moe_experts.default(" in line]
+    # The expert weights reach the kernel as views of the parameters: nothing is copied.
+    assert call.count("reinterpret_tensor(arg") >= 3 or "gpt_oss" not in call
+
+
+def test_explain_reports_the_experts_decision():
+    report = lynx_compile.explain(moe_block("mixtral"), decode_hidden(8))
+    [site] = report.routing_sites
+    assert site.experts.startswith("fused: grouped_mm dispatch")
+    assert "experts" in report.table().splitlines()[0]
