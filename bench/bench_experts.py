@@ -1,6 +1,6 @@
 """Expert compute: lynx.moe_experts vs transformers' experts implementations under Inductor.
 
-    python bench/bench_experts.py            # B in 1, 8, 16, 32, 64; ~25 min on 2 cores (mostly compiling)
+    python bench/bench_experts.py            # B in 1, 8, 16, 32, 64; ~20 min on 2 cores (mostly compiling)
     python bench/bench_experts.py --quick    # B in 1, 16
 
 Three cases, bf16, random weights: the Mixtral-shaped MoE block (H=1024, I=2816, E=8, k=2), a
@@ -14,7 +14,7 @@ Per batch size B, every variant runs in this process, one after another:
   lynx:none+fused        policy none, dispatch replaced by lynx.moe_experts (same routing)
   lynx:binning+keep      AffinityBinning, transformers' grouped_mm dispatch kept
   lynx:binning+fused     AffinityBinning + lynx.moe_experts (the default of backend="lynx")
-  (block cases) eager experts loop under Inductor, with and without AffinityBinning
+  (Mixtral block) eager experts loop under Inductor, with and without AffinityBinning
 and, for the blocks, the fused op alone on that batch's routing, against the read-bandwidth
 limit (bytes of the experts present / bandwidth measured in this run).
 Writes bench/results/bench_experts.json and .png.
@@ -166,24 +166,26 @@ def main():
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     batches = (1, 16) if args.quick else (1, 8, 16, 32, 64)
-    repeats = 5 if args.quick else 10
+    repeats = 5
 
     info = machine.describe()
     bandwidth = info["read_bandwidth_gbs"]
     print(f"machine: {info}")
     block_variants = list(VARIANTS)
+    fine_variants = [v for v in VARIANTS if "eager-loop" not in v]  # a 64-expert Python loop: slow to compile
     model_variants = [v for v in VARIANTS if "eager-loop" not in v]
     rows = []
-    for name, shape in (("mixtral-block", (1024, 2816, 8, 2)), ("fine-block", (1024, 512, 64, 8))):
+    for name, shape, variants in (("mixtral-block", (1024, 2816, 8, 2), block_variants),
+                                  ("fine-block", (1024, 512, 64, 8), fine_variants)):
         block = moe_block(*shape)
         skew = skew_direction(block.gate.weight)
         experts = block.experts
         inter = shape[1]
         weights = (experts.gate_up_proj[:, :inter], experts.gate_up_proj[:, inter:], experts.down_proj)
         print(f"\n{name} (H, I, E, k) = {shape}; ms per call (speedup vs the best default-Inductor implementation)")
-        print("variants:", ", ".join(block_variants))
+        print("variants:", ", ".join(variants))
         make_input = (lambda b, s=skew, h=shape[0]: torch.randn(b, 1, h, dtype=torch.bfloat16) + s)
-        rows += run_case(name, block, make_input, batches, repeats, block_variants, weights, bandwidth)
+        rows += run_case(name, block, make_input, batches, repeats, variants, weights, bandwidth)
         torch._dynamo.reset()
 
     model = small_mixtral()

@@ -143,3 +143,16 @@ def test_explain_reports_the_experts_decision():
     [site] = report.routing_sites
     assert site.experts.startswith("fused: grouped_mm dispatch")
     assert "experts" in report.table().splitlines()[0]
+
+
+def test_dynamic_batch_size_fuses_and_matches_eager():
+    block = moe_block("mixtral", dtype=torch.bfloat16)
+    backend = PassOnlyBackend(FUSED)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for batch in (8, 5):
+            hidden = decode_hidden(batch, torch.bfloat16, seed=batch)
+            assert_close_relative(compiled(hidden)[0], block(hidden)[0], torch.bfloat16)
+    [site] = backend.routing_sites  # one graph, symbolic T, serves both batch sizes
+    assert site.experts.startswith("fused:"), site.experts
