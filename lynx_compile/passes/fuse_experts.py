@@ -259,8 +259,8 @@ def _input_role(node: Node, num_tokens, top_k: int, hidden_size, num_experts: in
         if len(shape) in (2, 3) and shape[0] == num_experts and value.is_floating_point():
             return "params"
         return None
-    if node.op == "call_function" and not any(isinstance(fm.fake_value(arg), torch.Tensor)
-                                              for arg in node.all_input_nodes):
+    if node.op == "call_function" and all(isinstance(fm.fake_value(arg), (torch.SymInt, int))
+                                          for arg in node.all_input_nodes):
         return "follow"  # a tensor made in the graph from sizes only (empty, iota, full)
     if len(shape) == 2 and value.is_floating_point() and statically_known_true(shape[0] == num_tokens):
         if statically_known_true(shape[1] == hidden_size):
