@@ -45,6 +45,7 @@ import math
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
 from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
 
 from ..config import LynxConfig
@@ -288,10 +289,9 @@ _verified: dict[str, ExpertLayout | str] = {}
 
 def match_layout(dispatch: Dispatch) -> ExpertLayout | str:
     """The layout under which `fused_moe_reference` computes what the region computes."""
-    region = _region_module(dispatch)
-    key = _signature(dispatch, region)
+    key = _signature(dispatch)
     if key not in _verified:
-        _verified[key] = _verify(dispatch, region)
+        _verified[key] = _verify(dispatch, _region_module(dispatch))
     return _verified[key]
 
 
@@ -304,10 +304,17 @@ def _region_module(dispatch: Dispatch) -> GraphModule:
     return GraphModule(torch.nn.Module(), graph)
 
 
-def _signature(dispatch: Dispatch, region: GraphModule) -> str:
+def _signature(dispatch: Dispatch) -> str:
+    """The region's computation with node names replaced by positions: equal for every layer."""
+    position = {node: i for i, node in enumerate([*dispatch.inputs, *dispatch.nodes])}
     shapes = [(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else "size"
               for v in map(fm.fake_value, dispatch.inputs)]
-    return f"{shapes}\n{region.code}"
+
+    def numbered(args):
+        return repr(map_arg(args, lambda node: f"%{position[node]}"))
+
+    steps = [f"{fm.op_name(n)}{numbered(n.args)}{numbered(n.kwargs)}" for n in dispatch.nodes]
+    return "\n".join([repr(shapes), *steps])
 
 
 def _candidates(params: list[torch.Tensor], hidden_size: int) -> list[ExpertLayout]:

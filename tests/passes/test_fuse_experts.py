@@ -156,3 +156,16 @@ def test_dynamic_batch_size_fuses_and_matches_eager():
             assert_close_relative(compiled(hidden)[0], block(hidden)[0], torch.bfloat16)
     [site] = backend.routing_sites  # one graph, symbolic T, serves both batch sizes
     assert site.experts.startswith("fused:"), site.experts
+
+
+def test_the_layers_of_one_model_are_checked_once(monkeypatch):
+    from lynx_compile.passes import fuse_experts
+    from moe_models import decode_ids, tiny_model
+
+    checks = []
+    real_verify = fuse_experts._verify
+    monkeypatch.setattr(fuse_experts, "_verified", {})
+    monkeypatch.setattr(fuse_experts, "_verify", lambda *a: checks.append(1) or real_verify(*a))
+    backend, _ = run_pass_only(tiny_model("qwen3_moe", num_layers=3), decode_ids(4), FUSED)
+    assert [s.experts.startswith("fused:") for s in backend.routing_sites] == [True] * 3
+    assert len(checks) == 1
