@@ -171,7 +171,7 @@ def find_dispatch_region(graph: Graph, site: RoutingSite) -> Dispatch | str:
     for candidate in sorted(downstream, key=order.__getitem__):
         if candidate.op != "call_function" or not _is_tokens_by_hidden(candidate, ids_shape[0], hidden_size):
             continue
-        region = _region(candidate, ids, downstream, ids_shape, site.num_experts, order)
+        region = _region(candidate, ids, downstream, ids_shape, hidden_size, site.num_experts, order)
         if isinstance(region, Dispatch):
             return region
         if region != "skip":
@@ -202,11 +202,10 @@ def _is_tokens_by_hidden(node: Node, num_tokens, hidden_size) -> bool:
             and statically_known_true(value.shape[1] == hidden_size))
 
 
-def _region(output: Node, ids: Node, downstream: set[Node], ids_shape, num_experts: int,
+def _region(output: Node, ids: Node, downstream: set[Node], ids_shape, hidden_size, num_experts: int,
             order: dict) -> Dispatch | str:
     """The dispatch ending at `output`, "skip" when `output` is not a dispatch's end."""
     num_tokens, top_k = ids_shape
-    hidden_size = fm.shape_of(output)[1]
     nodes: set[Node] = set()
     stack = [output]
     while stack:  # everything between the ids (and routing weights) and the output
@@ -263,11 +262,10 @@ def _input_role(node: Node, num_tokens, top_k: int, hidden_size, num_experts: in
     if node.op == "call_function" and all(isinstance(fm.fake_value(arg), (torch.SymInt, int))
                                           for arg in node.all_input_nodes):
         return "follow"  # a tensor made in the graph from sizes only (empty, iota, full)
-    if len(shape) == 2 and value.is_floating_point() and statically_known_true(shape[0] == num_tokens):
-        if statically_known_true(shape[1] == hidden_size):
-            return "hidden"
-        if statically_known_true(shape[1] == top_k):
-            return "weights"
+    if _is_tokens_by_hidden(node, num_tokens, hidden_size):
+        return "hidden"
+    if _is_routing_weights(node, num_tokens, top_k):
+        return "weights"
     if fm.is_call(node, *_FOLLOW_UP) and len(node.all_input_nodes) == 1:
         return "follow"
     return None
@@ -275,7 +273,7 @@ def _input_role(node: Node, num_tokens, top_k: int, hidden_size, num_experts: in
 
 def _kind(nodes: set[Node]) -> str:
     targets = {node.target for node in nodes}
-    if aten._grouped_mm.default in targets or any("grouped_mm" in str(t) for t in targets):
+    if any("grouped_mm" in str(t) for t in targets):  # aten._grouped_mm, transformers' fallback op
         return "grouped_mm"
     if aten.bmm.default in targets:
         return "gather + bmm"
