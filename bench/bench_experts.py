@@ -23,13 +23,11 @@ Writes bench/results/bench_experts.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
 
 import torch
-import transformers
 
 import lynx_compile
 from lynx_compile import machine
@@ -37,10 +35,9 @@ from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
-from bench_moe import time_call  # noqa: E402
+from bench_moe import mixtral_block, save_results, time_call  # noqa: E402
 from small_model import small_mixtral  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 SKEW_LOGITS = 2.0  # how far the shared component raises the favoured experts' logits
 FAVOURED = (0, 1, 2)
 
@@ -50,18 +47,6 @@ def skew_direction(router_weight: torch.Tensor) -> torch.Tensor:
     rows = router_weight.float()[list(FAVOURED)]  # (3, H)
     direction = torch.linalg.lstsq(rows, torch.full((len(FAVOURED),), SKEW_LOGITS)).solution
     return direction.to(router_weight.dtype)  # (H,)
-
-
-def moe_block(hidden, intermediate, experts, top_k, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.MixtralConfig(hidden_size=hidden, intermediate_size=intermediate,
-                                        num_local_experts=experts, num_experts_per_tok=top_k)
-    config._experts_implementation = "grouped_mm"
-    block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(config)
-    torch.nn.init.normal_(block.experts.gate_up_proj, std=0.02)
-    torch.nn.init.normal_(block.experts.down_proj, std=0.02)
-    torch.nn.init.normal_(block.gate.weight, std=1.5 / hidden ** 0.5)  # trained-like logit spread
-    return block.to(torch.bfloat16).eval()
 
 
 def set_experts_impl(module, impl):
@@ -177,7 +162,8 @@ def main():
     rows = []
     for name, shape, variants in (("mixtral-block", (1024, 2816, 8, 2), block_variants),
                                   ("fine-block", (1024, 512, 64, 8), fine_variants)):
-        block = moe_block(*shape)
+        torch.manual_seed(0)
+        block = mixtral_block(*shape)
         skew = skew_direction(block.gate.weight)
         experts = block.experts
         inter = shape[1]
@@ -192,10 +178,7 @@ def main():
     print("\nsmall-model decode step; variants:", ", ".join(model_variants))
     rows += run_case("small-model", model, lambda b: torch.randint(3, model.config.vocab_size, (b, 1)),
                      batches, repeats, model_variants)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_experts.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    plot(rows, RESULTS / "bench_experts.png")
-    print(f"wrote {RESULTS / 'bench_experts.json'} and {RESULTS / 'bench_experts.png'}")
+    save_results("bench_experts", info, rows, plot)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,14 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def save_results(stem, info, rows, plot_rows):
+    """bench/results/<stem>.json (machine + rows) and <stem>.png (drawn by `plot_rows`)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    plot_rows(rows, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / f'{stem}.json'} and {RESULTS / f'{stem}.png'}")
+
+
 def main():
     # Two backends compile the same module's code objects; give Dynamo room for both.
     torch._dynamo.config.recompile_limit = 64
@@ -129,10 +137,7 @@ def main():
     model = small_mixtral()
     rows += run_case("small-model", model, lambda b: torch.randint(3, model.config.vocab_size, (b, 1)),
                      batches, repeats)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_moe.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    plot(rows, RESULTS / "bench_moe.png")
-    print(f"wrote {RESULTS / 'bench_moe.json'} and {RESULTS / 'bench_moe.png'}")
+    save_results("bench_moe", info, rows, plot)
 
 
 if __name__ == "__main__":
