@@ -1,5 +1,7 @@
 """The expert-dispatch fusion: which dispatches become lynx.moe_experts, op counts, numerics."""
 
+import re
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -134,8 +136,28 @@ def test_inductor_policy_none_fused_matches_default_inductor_and_passes_weight_v
             torch.compile(block, backend="lynx", options={"policy": "none", "experts": "fused"}), hidden)
     assert_close_relative(got[0], expected[0], dtype)
     [call] = [line for line in code.splitlines() if "torch.ops.lynx.moe_experts.default(" in line]
-    # The expert weights reach the kernel as views of the parameters: nothing is copied.
-    assert call.count("reinterpret_tensor(arg") >= 3 or "gpt_oss" not in call
+    # The expert weights (and GPT-OSS's biases) reach the kernel as the parameters themselves or
+    # views of them, never as buffers Inductor filled with a copy.
+    operands = top_level_arguments(call.split("torch.ops.lynx.moe_experts.default(", 1)[1])
+    weights_and_biases = [a for a in operands[3:9] if a != "None"]
+    assert len(weights_and_biases) == (6 if arch == "gpt_oss" else 3)
+    for operand in weights_and_biases:
+        assert re.fullmatch(r"(reinterpret_tensor\()?arg\d+_\d+(, .*\))?", operand), operand
+
+
+def top_level_arguments(call_tail: str) -> list[str]:
+    """The comma-separated arguments of a call, given the text after its opening parenthesis."""
+    arguments, depth, current = [], 0, ""
+    for char in call_tail:
+        if char == ")" and depth == 0:
+            break
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            arguments.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return arguments + [current.strip()]
 
 
 def test_explain_reports_the_experts_decision():
