@@ -49,7 +49,7 @@ from torch.fx.node import map_arg
 from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
 
 from ..config import LynxConfig
-from ..lowering.kernels.fused_moe_triton import fused_moe_reference
+from ..lowering.moe_experts_reference import fused_moe_reference, unsupported_reason
 from ..lowering.ops import moe_experts
 from . import fx_match as fm
 from .find_routing import RoutingSite
@@ -146,6 +146,10 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         found = find_dispatch_region(graph, site)
         if isinstance(found, str):
             site.experts = f"kept: {found}"
+            continue
+        unsupported = unsupported_reason(*(fm.fake_value(node) for node in (found.hidden, *found.params)))
+        if unsupported:
+            site.experts = f"kept: {found.kind} dispatch, {unsupported}"
             continue
         layout = match_layout(found)
         if isinstance(layout, str):
@@ -363,8 +367,6 @@ def _with_biases(gate, up, down, vectors, shape, inter, hidden_size, activation,
 
 def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
     values = [fm.fake_value(node) for node in dispatch.inputs]
-    if any(isinstance(v, torch.Tensor) and v.device.type not in ("cpu", "cuda") for v in values):
-        return "tensors on a device lynx.moe_experts has no kernel for"
     generator = torch.Generator().manual_seed(0)
     hidden_value, weights_value, ids_value = values[:3]
     num_tokens, hidden_size = (optimization_hint(s) for s in hidden_value.shape)

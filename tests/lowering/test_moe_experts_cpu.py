@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lynx_compile.lowering import ops  # noqa: F401  (registers lynx::moe_experts)
-from lynx_compile.lowering.kernels.fused_moe_triton import fused_moe_reference
+from lynx_compile.lowering.moe_experts_reference import fused_moe_reference
 from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's largest value

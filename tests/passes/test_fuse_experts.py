@@ -191,3 +191,21 @@ def test_the_layers_of_one_model_are_checked_once(monkeypatch):
     backend, _ = run_pass_only(tiny_model("qwen3_moe", num_layers=3), decode_ids(4), FUSED)
     assert [s.experts.startswith("fused:") for s in backend.routing_sites] == [True] * 3
     assert len(checks) == 1
+
+
+@pytest.mark.parametrize("arch, experts_impl", [("mixtral", "grouped_mm"), ("qwen3_moe", "batched_mm")])
+@pytest.mark.parametrize("options", [{}, {"policy": "none", "experts": "fused"}], ids=["binning", "none+fused"])
+def test_a_dtype_no_kernel_takes_leaves_the_dispatch_and_runs(arch, experts_impl, options):
+    """fp16 on CPU: the kernel takes bf16/fp32, so the dispatch must stay (it used to fuse and
+    then raise ValueError at the first call)."""
+    block = moe_block(arch, experts_impl=experts_impl, dtype=torch.float16)
+    hidden = decode_hidden(1, torch.float16)
+    with torch.no_grad():
+        expected = block(hidden)[0]
+        got = torch.compile(block, backend="lynx", options=options)(hidden)[0]
+    assert torch.isfinite(got).all()
+    if options:  # policy none: the same computation as eager, up to Inductor's fp16 rounding
+        assert_close_relative(got, expected, torch.bfloat16)
+    report = lynx_compile.explain(block, hidden, config=LynxConfig(**options))
+    [site] = report.routing_sites
+    assert site.experts.startswith("kept:") and "hidden dtype float16: the cpu kernel takes" in site.experts

@@ -38,12 +38,13 @@ from typing import Any, Optional
 
 import torch
 
+from ..moe_experts_reference import ACTIVATIONS, check_inputs, fused_moe_reference  # noqa: F401
+
 # Filled by `_import_triton()`. The kernel functions below name `tl` as a module global: Triton
 # resolves a kernel's globals through `fn.__globals__`, i.e. this module's namespace.
 triton: Any = None
 tl: Any = None
 
-ACTIVATIONS = {"silu": 0, "gpt_oss": 1}
 
 
 def _import_triton():
@@ -62,56 +63,6 @@ def _interpret_mode() -> bool:
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# --------------------------------------------------------------------------------------------
-# Torch reference
-# --------------------------------------------------------------------------------------------
-
-
-def _activate(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
-    if activation == "silu":
-        return torch.nn.functional.silu(g) * u
-    if activation == "gpt_oss":
-        g = g.clamp(max=limit)
-        u = u.clamp(min=-limit, max=limit)
-        return (u + 1) * (g * torch.sigmoid(alpha * g))
-    raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-
-
-def fused_moe_reference(
-    hidden: torch.Tensor,  # (T, H)
-    topk_weights: torch.Tensor,  # (T, k)
-    topk_ids: torch.Tensor,  # (T, k) in [0, E)
-    w_gate: torch.Tensor,  # (E, I, H)
-    w_up: torch.Tensor,  # (E, I, H)
-    w_down: torch.Tensor,  # (E, H, I)
-    b_gate: Optional[torch.Tensor],  # (E, I)
-    b_up: Optional[torch.Tensor],  # (E, I)
-    b_down: Optional[torch.Tensor],  # (E, H)
-    activation: str,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-) -> torch.Tensor:  # (T, H), hidden.dtype
-    """What `fused_moe_triton` computes, in plain torch (loops over the experts present; syncs)."""
-    dtype = hidden.dtype
-    x32 = hidden.float()
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (T, H)
-    for e in torch.unique(topk_ids).tolist():
-        tok, slot = torch.where(topk_ids == e)  # the (token, slot) pairs routed to e
-        x = x32[tok]  # (n, H)
-        g = x @ w_gate[e].float().T  # (n, I) fp32 accumulate
-        u = x @ w_up[e].float().T
-        if b_gate is not None:
-            g = g + b_gate[e].float()
-        if b_up is not None:
-            u = u + b_up[e].float()
-        a = _activate(g.to(dtype), u.to(dtype), activation, alpha, limit).to(dtype)  # (n, I)
-        y = a.float() @ w_down[e].float().T  # (n, H) fp32 accumulate
-        if b_down is not None:
-            y = y + b_down[e].float()
-        out.index_add_(0, tok, y * topk_weights[tok, slot].float()[:, None])
-    return out.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,34 +379,6 @@ def _get_kernels():
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-    if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
-        raise ValueError(
-            f"expected hidden (T, H) and topk_weights/topk_ids (T, k); got {tuple(hidden.shape)}, "
-            f"{tuple(topk_weights.shape)}, {tuple(topk_ids.shape)}")
-    num_tokens, hidden_size = hidden.shape
-    num_experts, inter_size, _ = w_gate.shape
-    expected = {
-        "topk_ids": (topk_ids.shape[0], num_tokens),
-        "w_gate": (tuple(w_gate.shape), (num_experts, inter_size, hidden_size)),
-        "w_up": (tuple(w_up.shape), (num_experts, inter_size, hidden_size)),
-        "w_down": (tuple(w_down.shape), (num_experts, hidden_size, inter_size)),
-    }
-    for name, bias, shape in (("b_gate", b_gate, (num_experts, inter_size)),
-                              ("b_up", b_up, (num_experts, inter_size)),
-                              ("b_down", b_down, (num_experts, hidden_size))):
-        if bias is not None:
-            expected[name] = (tuple(bias.shape), shape)
-    for name, (got, want) in expected.items():
-        if got != want:
-            raise ValueError(f"{name}: shape {got}, expected {want}")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if w.dtype != hidden.dtype:
-            raise ValueError(f"{name} dtype {w.dtype} differs from hidden's {hidden.dtype}")
-
-
 def _no_wrap(kernel):
     return kernel
 
@@ -463,7 +386,7 @@ def _no_wrap(kernel):
 def _fused_moe(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
                activation, alpha, limit, config, launch):
     """Shared body of the plain launcher (launch = identity) and the triton_op (wrap_triton)."""
-    _check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+    check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     num_experts, inter_size, _ = w_gate.shape

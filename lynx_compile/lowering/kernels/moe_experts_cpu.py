@@ -5,7 +5,7 @@ The C++ source ships with the package and is compiled on first use by Inductor's
 on-disk cache, so a process pays the ~5 s build once per machine). Calls go through ctypes with
 raw pointers; this module checks every shape, dtype and stride first, so the C++ side trusts them.
 
-Same semantics as `fused_moe_triton.fused_moe_reference`: gate/up projections, the activation
+Same semantics as `moe_experts_reference.fused_moe_reference`: gate/up projections, the activation
 and its output rounded to hidden's dtype, down projection and routing-weighted sum in fp32.
 """
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .fused_moe_triton import ACTIVATIONS, _check_inputs
+from ..moe_experts_reference import ACTIVATIONS, check_inputs
 
 SOURCE = pathlib.Path(__file__).with_name("moe_experts_cpu.cpp")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -71,7 +71,7 @@ def moe_experts_cpu(
     alpha: float = 1.702,
     limit: float = 7.0,
 ) -> torch.Tensor:  # (T, H) hidden.dtype
-    _check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+    check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
     if hidden.dtype not in _DTYPES:
         raise ValueError(f"hidden dtype {hidden.dtype}: the CPU kernel takes {sorted(map(str, _DTYPES))}")
     for name, weight in (("hidden", hidden), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
