@@ -101,8 +101,10 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _is_topk(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in (torch.topk, torch.ops.aten.topk.default)) or \
-        (node.op == "call_method" and node.target == "topk")
+    """A top-k, or a max/argmax (routers choosing experts by rounds of max + mask)."""
+    return (node.op == "call_function" and node.target in (torch.topk, torch.ops.aten.topk.default, torch.max,
+                                                           torch.argmax)) or \
+        (node.op == "call_method" and node.target in ("topk", "max", "argmax"))
 
 
 def _mode_patches(mode: str | None) -> dict[str, Any]:

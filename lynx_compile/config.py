@@ -62,6 +62,10 @@ class LynxConfig:
             lynx's fused MoE op; "keep" leaves it; "auto" fuses when a selection policy is on.
         max_experts: a top-k over more than this many columns is never taken for routing
             (vocabularies are larger; MoE layers have at most a few hundred experts).
+        pad_token_id: rows of a decode batch whose current input token is this id are dead
+            (finished sequences in `generate()`, padding rows of a serving batch): they do not
+            vote and never change a live row's experts. The mask is computed in the graph from
+            the token ids the model embeds. None: every row votes.
     """
 
     policy: str = "affinity_binning"
@@ -72,6 +76,7 @@ class LynxConfig:
     max_decode_tokens: int | None = None
     experts: str = "auto"
     max_experts: int = 1024
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -82,6 +87,7 @@ class LynxConfig:
         _check_int("beta", self.beta, minimum=1, allow_none=True)
         _check_int("max_decode_tokens", self.max_decode_tokens, minimum=1, allow_none=True)
         _check_int("max_experts", self.max_experts, minimum=2, allow_none=False)
+        _check_int("pad_token_id", self.pad_token_id, minimum=0, allow_none=True)
 
     @property
     def selects(self) -> bool:

@@ -23,7 +23,7 @@ EXPERTS_IMPLS = ("eager", "batched_mm", "grouped_mm")
 VOCAB = 96
 
 
-def tiny_config(arch: str, num_layers: int = 1, experts_impl: str = "grouped_mm"):
+def tiny_config(arch: str, num_layers: int = 1, experts_impl: str = "grouped_mm", **overrides):
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
                   eos_token_id=2)
@@ -49,18 +49,23 @@ def tiny_config(arch: str, num_layers: int = 1, experts_impl: str = "grouped_mm"
             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **common)
     else:
         raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+    for name, value in overrides.items():
+        if not hasattr(config, name):
+            raise ValueError(f"{type(config).__name__} has no field {name!r}")
+        setattr(config, name, value)
     config._experts_implementation = experts_impl
     return config
 
 
 def tiny_model(arch: str, *, num_layers: int = 1, experts_impl: str = "grouped_mm",
-               dtype: torch.dtype = torch.float32, seed: int = 0):
+               dtype: torch.dtype = torch.float32, seed: int = 0, router_std: float = 0.5, **overrides):
+    """overrides: config fields (e.g. n_group=2) set after the tiny defaults."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, num_layers, experts_impl))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, num_layers, experts_impl, **overrides))
     # Random routers are near-uniform; give them learned-looking spread so selection has work to do.
     for name, param in model.named_parameters():
         if name.endswith(("gate.weight", "router.weight")):
-            torch.nn.init.normal_(param, std=0.5)
+            torch.nn.init.normal_(param, std=router_std)
         if name.endswith("e_score_correction_bias"):
             torch.nn.init.zeros_(param)
     return model.to(dtype).eval()
@@ -81,6 +86,21 @@ def decode_hidden(batch: int, dtype: torch.dtype = torch.float32, seed: int = 0)
 def decode_ids(batch: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, 1), generator=generator)
+
+
+@torch.no_grad()
+def decode_step(model, batch: int, seed: int = 0, past: int = 2, ids: torch.Tensor | None = None) -> dict:
+    """Keyword arguments for one decode step of `batch` sequences: a fresh KV cache holding `past`
+    prompt tokens (filled by an uncompiled forward) and one new token per sequence.
+
+    A (B, 1) call without a cache is the prefill of one-token prompts, which lynx leaves alone.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    prompt = torch.randint(3, VOCAB, (batch, past), generator=generator)
+    cache = transformers.DynamicCache(config=model.config)
+    model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    return {"input_ids": decode_ids(batch, seed) if ids is None else ids, "past_key_values": cache,
+            "use_cache": True}
 
 
 def count_ops(graph: torch.fx.Graph) -> collections.Counter:
@@ -127,6 +147,9 @@ class PassOnlyBackend:
 
 TOPK = "aten.topk.default"
 BATCH_SELECT = "lynx.batch_select.default"
+# The lowered selection body's own small top-ks: the plain top-k, each token's k-th eligible rank,
+# the top-2 logits (confidence), and the k smallest sort keys of the voters' and dead rows' remap.
+TOPKS_IN_SELECTION = 5
 
 
 # --- hand-written modules ---------------------------------------------------------------------
@@ -267,3 +290,39 @@ def skewed_mixtral_block(seed=0):
     hidden = torch.randn(16, 1, dim)
     hidden[:, 0, :num_experts] = skewed_router_logits(16, num_experts, seed=seed)
     return block.eval(), hidden
+
+
+class RepeatedMaxMoE(GptFastMoE):
+    """Routing without top-k: k rounds of "take the max, mask it out" over the router output,
+    routing weights gathered around those choices, gpt-fast's gather + einsum dispatch.
+
+    form: "max" (torch.max(dim) gives value and index), "argmax" (argmax, then gather the value);
+    mask: "scatter" (scatter -inf at the index) or "one_hot" (where(one_hot(index), -inf, x)).
+    """
+
+    def __init__(self, form="max", mask="scatter", **kwargs):
+        super().__init__(**kwargs)
+        self.form, self.mask = form, mask
+
+    def experts_for_tokens(self, x):  # (T, D)
+        scores = torch.softmax(self.gate(x), dim=-1)  # (T, E)
+        remaining, weights, indices = scores, [], []
+        for _ in range(self.activated):
+            if self.form == "max":
+                weight, index = remaining.max(dim=-1)  # (T,), (T,)
+            else:
+                index = remaining.argmax(dim=-1)  # (T,)
+                weight = remaining.gather(1, index[:, None])[:, 0]
+            weights.append(weight)
+            indices.append(index)
+            if self.mask == "scatter":
+                remaining = remaining.scatter(1, index[:, None], float("-inf"))
+            else:
+                hit = torch.nn.functional.one_hot(index, remaining.shape[-1]).bool()
+                remaining = remaining.masked_fill(hit, float("-inf"))
+        weights, indices = torch.stack(weights, dim=-1), torch.stack(indices, dim=-1)  # (T, A)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        x1 = torch.nn.functional.silu(torch.einsum("td,taid->tai", x, self.w1[indices]))  # (T, A, I)
+        x3 = torch.einsum("td,taid->tai", x, self.w3[indices])  # (T, A, I)
+        out = torch.einsum("tai,tadi->tad", x1 * x3, self.w2[indices])  # (T, A, D)
+        return torch.einsum("tad,ta->td", out, weights)  # (T, D)

@@ -11,7 +11,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from lynx_compile import LynxConfig
 from lynx_compile.passes.pass_manager import LynxPostGradPass
-from moe_models import ARCHS, decode_ids, moe_block, tiny_model
+from moe_models import ARCHS, decode_step, moe_block, tiny_model
 
 
 def test_backend_name_works_in_a_fresh_interpreter_without_importing_the_package():
@@ -84,11 +84,10 @@ def test_policy_none_is_bit_identical_to_default_inductor(arch):
 
 def test_policy_none_is_bit_identical_on_a_whole_bf16_model():
     model = tiny_model("mixtral", num_layers=2, dtype=torch.bfloat16)
-    ids = decode_ids(8)
     with torch.no_grad():
-        reference = torch.compile(model)(ids).logits
+        reference = torch.compile(model)(**decode_step(model, 8)).logits
         torch._dynamo.reset()
-        none = torch.compile(model, backend="lynx", options={"policy": "none"})(ids).logits
+        none = torch.compile(model, backend="lynx", options={"policy": "none"})(**decode_step(model, 8)).logits
     assert torch.equal(none, reference)
 
 
@@ -100,13 +99,12 @@ def test_decode_step_runs_with_no_extra_graph_breaks(arch, experts_impl):
     number of graphs (the loop visits fewer experts). `examples/check_architectures.py` runs the
     full architecture x experts-implementation x dtype matrix against default Inductor."""
     model = tiny_model(arch, experts_impl=experts_impl)
-    ids = decode_ids(8)
     stats = {}
     with torch.no_grad():
         for backend in ("eager", "lynx"):
             torch._dynamo.reset()
             counters.clear()
-            logits = torch.compile(model, backend=backend)(ids).logits
+            logits = torch.compile(model, backend=backend)(**decode_step(model, 8)).logits
             stats[backend] = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
             assert torch.isfinite(logits).all()
     assert stats["lynx"][1] == stats["eager"][1]

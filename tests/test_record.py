@@ -3,7 +3,8 @@
 import torch
 
 import lynx_compile
-from moe_models import RoutingProbe, decode_ids, skewed_mixtral_block, tiny_model
+from lynx_compile import LynxConfig
+from moe_models import PassOnlyBackend, RoutingProbe, decode_step, skewed_mixtral_block, tiny_model
 
 
 def test_record_counts_experts_before_and_after_per_call():
@@ -32,7 +33,7 @@ def test_record_names_layers_and_marks_prefill_with_eager_experts():
     model = tiny_model("mixtral", num_layers=2, experts_impl="eager")
     compiled = torch.compile(model, backend="lynx")
     with torch.no_grad(), lynx_compile.record(model) as rec:
-        compiled(decode_ids(8))
+        compiled(**decode_step(model, 8))
         compiled(torch.randint(3, 90, (2, 5)))
     assert sorted(rec.calls) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     for calls in rec.calls.values():
@@ -41,3 +42,43 @@ def test_record_names_layers_and_marks_prefill_with_eager_experts():
         assert prefill.experts_after == prefill.experts_before
     summary = rec.summary()
     assert summary["model.layers.0.mlp.gate"]["calls"] == 1  # decode calls only
+
+
+def test_group_limited_routing_is_reduced_like_any_other():
+    """DeepSeek-V3's group limit (E=8, k=2, 2 groups, each token confined to 1): the surviving set
+    must hold k eligible experts for every token, or tokens fall back to their own experts and
+    refill the union (it stayed 8 of 8 before the fix)."""
+    model = tiny_model("deepseek_v3", num_layers=2, router_std=0.05, n_routed_experts=8, num_experts_per_tok=2,
+                       n_group=2, topk_group=1)
+    compiled = torch.compile(model, backend="lynx")
+    with torch.no_grad(), lynx_compile.record(model) as rec:
+        logits = compiled(**decode_step(model, 32)).logits
+    assert torch.isfinite(logits).all()
+    for site, calls in rec.calls.items():
+        [call] = calls
+        assert call.decode and call.experts_before == 8
+        assert call.experts_after <= 6, (site, call)
+
+
+def test_generate_over_many_batch_sizes_compiles_no_more_graphs_and_keeps_selecting():
+    """generate() at B = 1..64: Dynamo makes the batch dynamic by the second size; lynx must add no
+    guard of its own (same graph count as without selection), and the graph compiled from small
+    batches must still select at B=48."""
+    batch_sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    prompt = torch.randint(3, 90, (64, 4), generator=torch.Generator().manual_seed(0))
+    graphs, recorders = {}, {}
+    for policy in ("none", "affinity_binning"):
+        torch._dynamo.reset()
+        model = tiny_model("mixtral", num_layers=1, router_std=0.1)
+        backend = PassOnlyBackend(LynxConfig(policy=policy), record=True)
+        model.compile(backend=backend)
+        with torch.no_grad(), lynx_compile.record(model) as recorders[policy]:
+            for batch in batch_sizes:
+                model.generate(prompt[:batch], attention_mask=torch.ones_like(prompt[:batch]), max_new_tokens=3,
+                               do_sample=False, pad_token_id=0)
+        graphs[policy] = len(backend.graphs)
+    assert graphs["affinity_binning"] == graphs["none"]
+    [calls] = recorders["affinity_binning"].calls.values()
+    at_48 = [c for c in calls if c.num_tokens == 48 and c.decode]
+    assert len(at_48) == 2  # two decode steps
+    assert all(c.experts_after < c.experts_before for c in at_48)

@@ -62,8 +62,16 @@ def load(path: Path, dtype: torch.dtype, variant: Variant):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if variant.backend is not None:
-        model.compile(backend=variant.backend, options=variant.options)
+        model.compile(backend=variant.backend, options=lynx_options(variant, tokenizer))
     return model, tokenizer
+
+
+def lynx_options(variant: Variant, tokenizer) -> dict | None:
+    """The variant's options; for lynx, plus the pad id: generate() feeds finished rows the pad
+    token, and those rows must not vote on the experts of the rows still decoding."""
+    if variant.backend != "lynx":
+        return variant.options
+    return {"pad_token_id": tokenizer.pad_token_id, **(variant.options or {})}
 
 
 def _experts_by_layer(recorder) -> dict[str, list[float]]:

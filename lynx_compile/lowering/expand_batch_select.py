@@ -48,21 +48,25 @@ def expand_batch_select(graph: Graph, record: bool = False) -> int:
 
 
 def _expand_one(graph: Graph, node: Node, record: bool) -> None:
-    scores, logits, k, alpha, beta, confidence_gap, bound = node.args
+    scores, logits, k, alpha, beta, confidence_gap, bound, *rest = node.args
+    live = rest[0] if rest else node.kwargs.get("live")
     site_label, router_weight = node.meta["lynx_site"]
-    bound_is_node = isinstance(bound, Node)
+    # Inputs that are graph nodes become placeholders of the traced body; constants are baked in.
+    optional = {"bound": bound, "live": live}
+    traced_inputs = [name for name, value in optional.items() if isinstance(value, Node)]
 
-    def body(scores_value, logits_value, weight_value, *bound_value):
-        token_bound = bound_value[0] if bound_is_node else bound
+    def body(scores_value, logits_value, weight_value, *node_values):
+        given = dict(zip(traced_inputs, node_values))
+        token_bound = given.get("bound", bound)
         values, indices = selection.batch_select(
-            scores_value, logits_value, k, alpha, beta, confidence_gap, token_bound)
+            scores_value, logits_value, k, alpha, beta, confidence_gap, token_bound, given.get("live"))
         if record:
             plain = torch.topk(scores_value, k, dim=-1).indices
             indices = observe_selection(plain, indices, weight_value, scores_value.shape[1],
                                         token_bound, site_label)
         return values, indices
 
-    inputs = [scores, logits, router_weight] + ([bound] if bound_is_node else [])
+    inputs = [scores, logits, router_weight] + [optional[name] for name in traced_inputs]
     example_values = [_val(x) for x in inputs]
     fake_mode = torch._guards.detect_fake_mode(example_values)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():

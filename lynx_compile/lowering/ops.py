@@ -1,9 +1,10 @@
 """The `lynx::` operators the passes put into graphs.
 
-lynx::batch_select(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound)
+lynx::batch_select(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound, live?)
     -> (values, indices)
     Drop-in for `torch.topk(scores, k)` at a routing site: same shapes, dtypes and meaning,
-    with the indices chosen batch-aware (see `selection.py`). Inside torch.compile it never
+    with the indices chosen batch-aware (see `selection.py`). `live` (T,) bool marks the rows
+    allowed to vote (None: all); dead rows never change a live row's experts. Inside torch.compile it never
     reaches Inductor as an opaque call: `expand_batch_select.py` replaces it by its aten body.
 
 lynx::observe_selection(plain_indices, chosen_indices, router_weight, num_experts,
@@ -34,7 +35,7 @@ _lib = torch.library.Library("lynx", "FRAGMENT")  # noqa: TOR901 - kept alive fo
 
 _lib.define(
     "batch_select(Tensor scores, Tensor logits, int k, float alpha, int beta, "
-    "float confidence_gap, SymInt decode_token_bound) -> (Tensor, Tensor)")
+    "float confidence_gap, SymInt decode_token_bound, Tensor? live=None) -> (Tensor, Tensor)")
 _lib.define(
     "observe_selection(Tensor plain_indices, Tensor chosen_indices, Tensor router_weight, int num_experts, "
     "SymInt decode_token_bound, str site) -> Tensor")
@@ -44,11 +45,11 @@ _lib.define(
     "float limit) -> Tensor")
 
 
-def _batch_select_impl(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound):
-    return selection.batch_select(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound)
+def _batch_select_impl(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound, live=None):
+    return selection.batch_select(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound, live)
 
 
-def _batch_select_fake(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound):
+def _batch_select_fake(scores, logits, k, alpha, beta, confidence_gap, decode_token_bound, live=None):
     num_tokens = scores.shape[0]
     return (scores.new_empty((num_tokens, k)),
             scores.new_empty((num_tokens, k), dtype=torch.int64))

@@ -55,6 +55,13 @@ class RoutingSite:
     def label(self) -> str:
         return self.module_path or self.topk.name
 
+    @property
+    def selectable(self) -> bool:
+        """A routing top-k whose batches are (or may be) decode: what the later stages act on.
+        Max-rounds routers left as written (`max_routing.py`) are reported, never acted on."""
+        return (self.is_routing and self.phase is not None and self.phase.selects
+                and fm.is_call(self.topk, aten.topk.default))
+
 
 def find_routing_sites(graph: Graph, config: LynxConfig) -> list[RoutingSite]:
     return [classify_topk(node, config) for node in graph.nodes if fm.is_call(node, aten.topk.default)]
@@ -77,6 +84,7 @@ def classify_topk(topk: Node, config: LynxConfig) -> RoutingSite:
         site.reason = "number of columns is symbolic: not a fixed set of experts"
         return site
     site.num_experts, site.top_k = num_experts, k
+    rounds = topk.meta.get("lynx_max_rounds")  # a top-k lynx made from k rounds of max + mask
     if not largest:
         site.reason = "top-k picks the smallest values: not routing"
         return site
@@ -92,6 +100,8 @@ def classify_topk(topk: Node, config: LynxConfig) -> RoutingSite:
         site.reason = router
         return site
     site.logits, site.router_form = router
+    if rounds:
+        site.router_form += f", top-k as {rounds} rounds of max + mask"
     site.router_weight = router_weight(site.logits)
 
     dispatch = find_dispatch(topk, num_experts)
@@ -228,8 +238,13 @@ def find_dispatch(topk: Node, num_experts: int) -> str:
     indices = fm.getitem_users(topk).get(1)
     if indices is None or not indices.users:
         return "not routing: the indices are unused (e.g. a top-k sampling threshold)"
+    return dispatch_of([indices], num_experts)
+
+
+def dispatch_of(indices: list[Node], num_experts: int) -> str:
+    """How these expert-index tensors reach an expert dispatch, or why they do not."""
     evidence: list[str] = []
-    for user in fm.layout_users(indices):
+    for user in (user for node in indices for user in fm.layout_users(node)):
         found = _dispatch_kind(user, num_experts)
         if found is None:
             continue

@@ -138,7 +138,7 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
     """Replace the dispatch after each selected routing site; return how many were replaced."""
     fused = 0
     for site in sites:
-        if not (site.is_routing and site.phase.selects):
+        if not site.selectable:
             continue
         if not config.fuses_experts:
             site.experts = f"kept: experts={config.experts!r}"

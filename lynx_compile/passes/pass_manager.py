@@ -1,6 +1,8 @@
 """The post-grad pass lynx installs into Inductor, and how it joins passes already configured.
 
 Order, fixed (each stage reads what the previous one left):
+  0. max_routing     routers choosing experts by k rounds of max + mask -> aten.topk, where the
+                     site will be rewritten; the others are reported as they are
   1. find_routing    classify every aten.topk (routing site or not, and why)
   2. fuse_experts    the expert dispatch after a decode site -> lynx.moe_experts
                      (config.experts; it reads the top-k's outputs, so it runs before 3)
@@ -32,6 +34,7 @@ from ..config import LynxConfig
 from ..lowering.expand_batch_select import expand_batch_select
 from .find_routing import RoutingSite, find_routing_sites
 from .fuse_experts import fuse_expert_dispatches
+from .max_routing import canonicalize_max_routing
 from .rewrite_routing import observe_plain_sites, rewrite_routing_sites
 
 HOOK = "post_grad_custom_pre_pass"
@@ -56,7 +59,8 @@ class LynxPostGradPass(CustomGraphPass):
 
     def __call__(self, graph: Graph) -> None:
         before = str(graph) if self.on_report else ""
-        sites = find_routing_sites(graph, self.config)
+        left_alone = canonicalize_max_routing(graph, self.config)
+        sites = left_alone + find_routing_sites(graph, self.config)
         fuse_expert_dispatches(graph, sites, self.config)
         rewrite_routing_sites(graph, sites, self.config)
         if self.record:

@@ -5,7 +5,9 @@ compute-bound anyway. A decode batch is one where each sequence contributes one 
 blocks flatten (batch, seq, hidden) into (T, hidden) tokens before the router, so we find that
 3-D tensor and read seq off its shape:
 
-  seq == 1 provably           -> "decode": always select (no runtime test at all)
+  seq == 1 provably           -> "decode": always select (no runtime test at all), unless the
+                                 graph's attention proves nothing is cached (keys of length 1):
+                                 then it is the prefill of one-token prompts -> "prefill"
   seq != 1 provably           -> "prefill": leave the top-k untouched
   seq symbolic, not decidable -> "runtime": select iff T <= batch (i.e. seq == 1), tested on
                                  tensors inside the kernel, so no guard and no recompile
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from torch.fx import Node
+from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import LynxConfig
@@ -43,13 +45,18 @@ class PhaseDecision:
 def decide_phase(router_logits: Node, config: LynxConfig) -> PhaseDecision:
     router_input = router_logits.args[1] if router_logits.target is aten.addmm.default else router_logits.args[0]
     num_tokens = fm.shape_of(router_input)[0]
-    if config.phase == "all":
-        return PhaseDecision("decode", "rewritten: phase='all' remaps every batch")
-
     batched = find_token_flatten(router_input)
+    if config.phase == "all":
+        return PhaseDecision("decode", "rewritten: phase='all' remaps every batch", batched)
+
     if batched is not None:
         seq = fm.shape_of(batched)[1]
         if statically_known_true(seq == 1):
+            fresh = first_forward_attention(router_logits.graph)
+            if fresh is not None:
+                return PhaseDecision("prefill", "not rewritten: prefill of one-token prompts (seq len 1, "
+                                                f"but {fresh.name}'s keys hold only the new tokens: nothing cached)",
+                                     batched)
             return PhaseDecision("decode", "rewritten: decode graph (seq len 1)", batched)
         if statically_known_true(seq != 1):
             return PhaseDecision("prefill", f"not rewritten: prefill graph (seq len {seq})", batched)
@@ -65,6 +72,37 @@ def decide_phase(router_logits: Node, config: LynxConfig) -> PhaseDecision:
         return PhaseDecision("prefill", f"not rewritten: {num_tokens} tokens > max_decode_tokens={bound}")
     return PhaseDecision("runtime", f"rewritten: {num_tokens} tokens <= {bound} decided at run time",
                          token_bound=bound)
+
+
+# Fused attention ops as they appear in post-grad graphs: (query, key, value, ...), (B, heads, seq, d).
+_ATTENTION_OPS = tuple(op for op in (
+    getattr(aten, name, None) for name in (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+        "scaled_dot_product_attention"))
+    if op is not None)
+
+
+def first_forward_attention(graph: Graph) -> Node | None:
+    """An attention node proving this one-token-per-sequence graph is a prefill, or None.
+
+    A decode step attends to cached keys: its keys are longer than its one new token. When every
+    fused attention in the graph has queries of length 1 and keys provably of length 1, nothing
+    was cached: this is the first forward of one-token prompts, i.e. their prefill. Graphs without
+    fused attention (an MoE block compiled alone, eager attention) and static caches (keys always
+    max_cache_len long) cannot tell the two apart and keep the seq-len-1 rule.
+    """
+    attention = [node for node in graph.nodes
+                 if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in _ATTENTION_OPS]
+    if not attention:
+        return None
+    for node in attention:
+        query, key = (fm.shape_of(arg) for arg in node.args[:2])
+        if not (query and key and len(query) == 4 and len(key) == 4):
+            return None
+        if not (statically_known_true(query[2] == 1) and statically_known_true(key[2] == 1)):
+            return None
+    return attention[0]
 
 
 def find_token_flatten(router_input: Node) -> Node | None:

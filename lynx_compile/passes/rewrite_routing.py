@@ -10,7 +10,7 @@ Before (Mixtral router, post-grad):
 
 After:
 
-    batch_select = lynx.batch_select(div, mm, 2, 0.7, 1, 1.4286, -1)
+    batch_select = lynx.batch_select(div, mm, 2, 0.7, 1, 1.4286, -1, None)   # or a live mask
     getitem = batch_select[0]; getitem_1 = batch_select[1]
 
 Why this is valid: the new op returns values and indices of the same shapes and dtypes, values
@@ -31,26 +31,45 @@ from ..config import LynxConfig
 from ..lowering import selection
 from ..lowering.ops import batch_select
 from . import fx_match as fm
+from .fx_match import aten
 from .find_routing import RoutingSite
+from .live_rows import find_token_ids, live_tokens
 from .phase import batch_size_node
 
 
 def rewrite_routing_sites(graph: Graph, sites: list[RoutingSite], config: LynxConfig) -> int:
     """Rewrite every selectable site in place; return the number rewritten."""
     rewritten = 0
+    live_masks: dict[Node, Node] = {}  # token ids -> their live mask, shared by the graph's sites
     for site in sites:
-        if not (site.is_routing and site.phase.selects):
+        if not site.selectable:
             continue
         if not config.selects:
             site.reason = "not rewritten: policy 'none'"
             continue
-        _rewrite(graph, site, config)
+        live = _live_mask(graph, site, config, live_masks)
+        _rewrite(graph, site, config, live)
         site.rewritten = True
         rewritten += 1
     return rewritten
 
 
-def _rewrite(graph: Graph, site: RoutingSite, config: LynxConfig) -> None:
+def _live_mask(graph: Graph, site: RoutingSite, config: LynxConfig, cache: dict[Node, Node]) -> Node | None:
+    """The (T,) live-token mask for this site (see live_rows.py), noting the outcome in its reason."""
+    if config.pad_token_id is None:
+        return None
+    ids = find_token_ids(graph, site.phase.tokens_from) if site.phase.tokens_from is not None else None
+    if ids is None:
+        site.reason += f"; every row votes (pad_token_id={config.pad_token_id}, but no token ids of this batch " \
+                       "are embedded in this graph)"
+        return None
+    if ids not in cache:
+        cache[ids] = live_tokens(graph, ids, config.pad_token_id)
+    site.reason += f"; rows fed token {config.pad_token_id} do not vote"
+    return cache[ids]
+
+
+def _rewrite(graph: Graph, site: RoutingSite, config: LynxConfig, live: Node | None) -> None:
     topk = site.topk
     alpha, beta = config.resolved_alpha_beta(site.num_experts, site.top_k)
     confidence_gap = config.resolved_confidence_gap(alpha)
@@ -60,7 +79,7 @@ def _rewrite(graph: Graph, site: RoutingSite, config: LynxConfig) -> None:
         bound = _decode_bound(site)
         new = graph.call_function(
             batch_select,
-            (scores, site.logits, site.top_k, float(alpha), int(beta), float(confidence_gap), bound))
+            (scores, site.logits, site.top_k, float(alpha), int(beta), float(confidence_gap), bound, live))
     new.meta.update({k: v for k, v in topk.meta.items() if k != "val"})
     new.meta["val"] = _fake_outputs(scores, site.top_k)
     new.meta["lynx_site"] = (site.label, site.router_weight)
@@ -101,7 +120,7 @@ def observe_plain_sites(graph: Graph, sites: list[RoutingSite]) -> None:
     from ..lowering.ops import observe_selection
 
     for site in sites:
-        if not site.is_routing or site.rewritten:
+        if not site.is_routing or site.rewritten or not fm.is_call(site.topk, aten.topk.default):
             continue
         indices = fm.getitem_users(site.topk).get(1)
         if indices is None:

@@ -26,6 +26,6 @@ def test_inductor_generates_the_selection_kernels_and_matches_the_eager_op():
     assert "lynx.batch_select" not in code
     assert set(re.findall(r"torch\.ops\.lynx\.(\w+)\.default\(", code)) == {"moe_experts"}
     kernels = [line for line in code.splitlines() if "cpp_fused" in line and "async_compile.cpp" in line]
-    assert any("floor" in line and "exp" in line for line in kernels), kernels
+    assert any("floor" in line for line in kernels), kernels  # the binning, fused into generated C++
     # Sorting and top-k over the (tokens x experts) matrix may stay library calls.
     assert "torch.ops.aten.sort.stable" in code

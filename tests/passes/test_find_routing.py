@@ -13,6 +13,7 @@ from moe_models import (
     BATCH_SELECT,
     EXPERTS_IMPLS,
     TOPK,
+    TOPKS_IN_SELECTION,
     BeamSearchStep,
     GptFastMoE,
     PassOnlyBackend,
@@ -20,7 +21,7 @@ from moe_models import (
     TopKSampler,
     VocabRouterLookalike,
     decode_hidden,
-    decode_ids,
+    decode_step,
     moe_block,
     tiny_model,
 )
@@ -53,9 +54,9 @@ def test_finds_and_rewrites_the_routing_site_of_every_architecture(arch, experts
     assert (site.num_experts, site.top_k) == {"mixtral": (8, 2), "gpt_oss": (8, 2)}.get(arch, (16, 4))
     assert site.dispatch == DISPATCH[experts_impl]
     assert site.rewritten and site.reason == "rewritten: decode graph (seq len 1)"
-    # op counts: the routing top-k is gone; its lowered body brings two small top-ks of its own
-    # (top-2 logits for confidence, the k-smallest sort keys for the remap) and no opaque op.
-    assert backend.total("before", TOPK) - backend.total("after", TOPK) == 1 - 2
+    # op counts: the routing top-k is gone, its lowered body brings its own small top-ks, and no
+    # opaque op is left.
+    assert backend.total("before", TOPK) - backend.total("after", TOPK) == 1 - TOPKS_IN_SELECTION
     assert backend.total("after", BATCH_SELECT) == 0
     if arch == "deepseek_v3":  # its group-limited router has two more top-ks that are not routing
         others = [s for s in backend.sites if not s.is_routing]
@@ -69,7 +70,7 @@ def test_module_path_is_recovered_from_dynamo_metadata():
     model = tiny_model("qwen3_moe", num_layers=2)
     backend = PassOnlyBackend()
     with torch.no_grad():
-        torch.compile(model, backend=backend)(decode_ids(4))
+        torch.compile(model, backend=backend)(**decode_step(model, 4))
     assert [s.module_path for s in backend.routing_sites] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 
 
@@ -82,7 +83,7 @@ def test_gpt_fast_style_gather_einsum_moe():
     [site] = backend.routing_sites
     assert (site.router_form, site.dispatch, site.rewritten) == (
         "softmax(linear)", "gathers stacked expert weights", True)
-    assert backend.after[0][TOPK] == backend.before[0][TOPK] + 1
+    assert backend.after[0][TOPK] == backend.before[0][TOPK] - 1 + TOPKS_IN_SELECTION
 
 
 @pytest.mark.parametrize("module, inputs, reason", [

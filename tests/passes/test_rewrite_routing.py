@@ -11,6 +11,7 @@ from lynx_compile.passes.rewrite_routing import rewrite_routing_sites
 from moe_models import (
     BATCH_SELECT,
     TOPK,
+    TOPKS_IN_SELECTION,
     PassOnlyBackend,
     RoutingProbe,
     count_ops,
@@ -52,8 +53,10 @@ def test_each_stage_changes_exactly_the_ops_it_should():
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     lowered = count_ops(gm.graph)
-    assert (lowered[TOPK], lowered[BATCH_SELECT]) == (2, 0)
-    assert lowered["aten.sort.stable"] == 3  # experts by mass, then by batch score; tokens' own order
+    assert (lowered[TOPK], lowered[BATCH_SELECT]) == (TOPKS_IN_SELECTION, 0)
+    # experts by summed rank, then by vote count per bin (beta + 1 = 2 sorts); tokens' own order;
+    # each remap's k choices by score
+    assert lowered["aten.sort.stable"] == 6
     assert lowered["aten.floor.default"] == 1  # the binning
 
 

@@ -1,0 +1,184 @@
+"""Property tests of the selection op: the contract every policy keeps, on generated batches.
+
+Batches are drawn by hypothesis as parameters (sizes, dtype, router form, ties, group or random
+-inf masks, NaN/+inf rows, dead rows, bin settings) and built with torch from a drawn seed, so
+thousands of cases stay fast. `derandomize=True`: the same cases on every run (no flaky CI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lynx_compile.lowering import selection
+
+SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: waking a second thread per op costs more than the op (milliseconds when the
+    other core is busy), and would make thousands of cases take minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclasses.dataclass
+class Batch:
+    scores: torch.Tensor  # (T, E)
+    logits: torch.Tensor  # (T, E)
+    k: int
+    alpha: float
+    beta: int
+    confidence_gap: float
+    live: torch.Tensor | None  # (T,) bool
+
+    def select(self, rows: torch.Tensor | None = None):
+        keep = slice(None) if rows is None else rows
+        live = None if self.live is None else self.live[keep]
+        return selection.batch_select(self.scores[keep], self.logits[keep], self.k, self.alpha, self.beta,
+                                      self.confidence_gap, selection.NO_DECODE_BOUND, live)
+
+
+@st.composite
+def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k=None, dtype=None):
+    """Sizes are drawn by hypothesis; everything else from a drawn seed (fewer draws: fast cases)."""
+    num_tokens = draw(st.integers(0, max_tokens))
+    num_experts = num_experts or draw(st.sampled_from([2, 3, 4, 8, 16, 32, 64]))
+    k = k or draw(st.integers(1, num_experts))
+    seed = draw(st.integers(0, 2**31 - 1))
+    pick = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    dtype = dtype or pick.choice([torch.float32, torch.bfloat16])
+    router = pick.choice(["softmax", "sigmoid", "logits"])
+
+    logits = torch.randn(num_tokens, num_experts, generator=generator) * pick.choice([0.1, 1.0, 4.0])
+    if pick.random() < 0.5:  # ties: a coarse grid, many equal logits within and across tokens
+        logits = torch.round(logits * 2) / 2
+    scores = {"softmax": lambda z: torch.softmax(z, -1), "sigmoid": torch.sigmoid, "logits": lambda z: z}[router](logits)
+    mask = pick.choice(["none", "groups", "random"])
+    if mask == "groups":  # DeepSeek-style: each token may use its chosen groups only
+        groups = pick.choice([g for g in (1, 2, 4) if num_experts % g == 0])
+        allowed_groups = torch.rand(num_tokens, groups, generator=generator) < 0.6
+        allowed = allowed_groups.repeat_interleave(num_experts // groups, dim=1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif mask == "random":
+        scores = scores.masked_fill(torch.rand(num_tokens, num_experts, generator=generator) < 0.3, float("-inf"))
+    if nonfinite and num_tokens:
+        for row in pick.choices(range(num_tokens), k=pick.choice([0, 0, 1, 3])):
+            scores[row], logits[row] = float("nan"), float("nan")
+        for row in pick.choices(range(num_tokens), k=pick.choice([0, 0, 1, 2])):
+            expert = pick.randrange(num_experts)
+            logits[row, expert] = float("inf")
+            if router == "logits":
+                scores[row, expert] = float("inf")
+    live = None
+    if dead and pick.random() < 0.5:
+        live = torch.rand(num_tokens, generator=generator) < pick.choice([0.3, 0.8])
+    alpha = pick.choice([0.7, 1.0, 3.0])
+    beta = pick.randint(1, 3)
+    gap = pick.choice([0.0, 1 / alpha, 2.0])
+    return Batch(scores.to(dtype), logits.to(dtype), k, alpha, beta, gap, live)
+
+
+def eligible_and_usable(batch: Batch):
+    return selection.usable_rows(batch.scores, batch.logits, batch.k)
+
+
+def voters_of(batch: Batch) -> torch.Tensor:  # (T,) bool
+    _, usable = eligible_and_usable(batch)
+    return usable if batch.live is None else usable & batch.live
+
+
+def distinct(indices: torch.Tensor, rows: torch.Tensor) -> int:
+    return int(torch.unique(indices[rows]).numel())
+
+
+@settings(max_examples=6000, **SETTINGS)
+@given(batches())
+def test_the_selection_contract_holds(batch):
+    values, indices = batch.select()
+    num_tokens = batch.scores.shape[0]
+    assert indices.shape == values.shape == (num_tokens, batch.k)
+    assert indices.dtype == torch.int64 and values.dtype == batch.scores.dtype
+    # values are the model's own scores at the chosen experts
+    assert torch.equal(values.nan_to_num(), batch.scores.gather(1, indices).nan_to_num())
+
+    # k distinct eligible experts per usable token, sorted like top-k; the plain top-k otherwise
+    eligible, usable = eligible_and_usable(batch)
+    plain = torch.topk(batch.scores, batch.k, dim=-1).indices
+    assert torch.equal(indices[~usable], plain[~usable])
+    rows = indices[usable]
+    in_order = rows.sort(dim=-1).values
+    assert (in_order[:, 1:] != in_order[:, :-1]).all()
+    assert eligible[usable].gather(1, rows).all()
+    chosen = batch.scores[usable].gather(1, rows).float()
+    assert (chosen[:, :-1] >= chosen[:, 1:]).all()
+
+    # never more distinct experts than plain top-k over the voters (the whole batch when no row
+    # is dead, NaN or short of eligible experts)
+    voters = usable if batch.live is None else usable & batch.live
+    assert distinct(indices, voters) <= distinct(plain, voters)
+
+    # confident voters keep their top-1
+    z = batch.logits.float().masked_fill(~eligible, float("-inf"))
+    if num_tokens and z.shape[1] >= 2:
+        top2 = torch.topk(z, 2, dim=-1).values
+        confident = voters & ((top2[:, 0] - top2[:, 1]) > batch.confidence_gap)
+        best = batch.scores.float().amax(dim=-1, keepdim=True)
+        kept_best = (batch.scores.float().gather(1, indices) == best).any(dim=-1)
+        assert kept_best[confident].all()
+
+
+@settings(max_examples=4000, **SETTINGS)
+@given(batches(max_tokens=64), st.integers(0, 2**31 - 1))
+def test_rows_that_do_not_vote_change_no_other_row(batch, seed):
+    """NaN, +inf, short and dead rows: whatever they hold, every voter's experts stay the same."""
+    voters = voters_of(batch)
+    _, indices = batch.select()
+    generator = torch.Generator().manual_seed(seed)
+    other = dataclasses.replace(batch, scores=batch.scores.clone(), logits=batch.logits.clone())
+    dead = ~voters & (batch.live == False) if batch.live is not None else torch.zeros_like(voters)  # noqa: E712
+    garbage = torch.randn(batch.scores.shape, generator=generator).to(batch.scores.dtype) * 5
+    other.scores[dead], other.logits[dead] = garbage[dead], garbage[dead]  # still dead: other values
+    unusable = ~voters & ~dead
+    other.scores[unusable], other.logits[unusable] = float("nan"), float("nan")  # still not voting
+    _, other_indices = other.select()
+    assert torch.equal(voters_of(other), voters)
+    assert torch.equal(indices[voters], other_indices[voters])
+
+
+def test_an_empty_batch_returns_empty_tensors():
+    for live in (None, torch.zeros(0, dtype=torch.bool)):
+        values, indices = selection.batch_select(torch.empty(0, 8), torch.empty(0, 8), 2, 0.7, 1, 1.0,
+                                                 selection.NO_DECODE_BOUND, live)
+        assert values.shape == indices.shape == (0, 2) and indices.dtype == torch.int64
+
+
+@pytest.mark.parametrize("num_experts, k, dtype", [(8, 2, torch.float32), (16, 4, torch.bfloat16)])
+def test_inductor_generated_selection_equals_the_eager_op(num_experts, k, dtype):
+    """One compiled function per (E, k, dtype), dynamic in T, checked on many generated batches."""
+
+    def select(scores, logits, live):
+        return selection.batch_select(scores, logits, k, 3.0, 2, 1 / 3, selection.NO_DECODE_BOUND, live)
+
+    compiled = torch.compile(select, dynamic=True)
+
+    @settings(max_examples=60, **SETTINGS)
+    @given(batches(max_tokens=64, dead=False, num_experts=num_experts, k=k, dtype=dtype))
+    def check(batch):
+        scores, logits = batch.scores, batch.logits
+        live = torch.arange(scores.shape[0]) % 3 != 0
+        expected = select(scores, logits, live)
+        got = compiled(scores, logits, live)
+        assert torch.equal(got[1], expected[1])
+        assert torch.equal(got[0].nan_to_num(), expected[0].nan_to_num())
+
+    check()
