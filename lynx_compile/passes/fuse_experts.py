@@ -46,13 +46,15 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
-from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..compat import optimization_hint
 from ..config import LynxConfig
 from ..lowering.moe_experts_reference import fused_moe_reference, unsupported_reason
 from ..lowering.ops import moe_experts
 from . import fx_match as fm
 from .find_routing import RoutingSite
+from .fuse_experts_inductor import emit_grouped_mm, plan_grouped_mm
 
 aten = torch.ops.aten
 GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
@@ -147,7 +149,9 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         if isinstance(found, str):
             site.experts = f"kept: {found}"
             continue
-        unsupported = unsupported_reason(*(fm.fake_value(node) for node in (found.hidden, *found.params)))
+        inductor = config.experts == "inductor"  # grouped GEMMs Inductor compiles (fuse_experts_inductor.py)
+        unsupported = None if inductor else unsupported_reason(
+            *(fm.fake_value(node) for node in (found.hidden, *found.params)))
         if unsupported:
             site.experts = f"kept: {found.kind} dispatch, {unsupported}"
             continue
@@ -155,8 +159,17 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         if isinstance(layout, str):
             site.experts = f"kept: {found.kind} dispatch, {layout}"
             continue
-        _replace(graph, found, layout)
-        site.experts = f"fused: {found.kind} dispatch -> lynx.moe_experts ({layout.describe()})"
+        if inductor:
+            plan = plan_grouped_mm(found, layout)
+            if isinstance(plan, str):
+                site.experts = f"kept: {found.kind} dispatch, {plan}"
+                continue
+            _replace(graph, found, layout, lambda: emit_grouped_mm(graph, found, plan, GPT_OSS_ALPHA, GPT_OSS_LIMIT))
+            site.experts = (f"fused: {found.kind} dispatch -> {plan.num_grouped_mm} aten._grouped_mm for Inductor "
+                            f"({layout.describe()})")
+        else:
+            _replace(graph, found, layout)
+            site.experts = f"fused: {found.kind} dispatch -> lynx.moe_experts ({layout.describe()})"
         fused += 1
     return fused
 
@@ -416,17 +429,20 @@ def _close(got: torch.Tensor, expected: torch.Tensor, compute_dtype: torch.dtype
 
 # --- the replacement ----------------------------------------------------------------------------
 
-def _replace(graph: Graph, dispatch: Dispatch, layout: ExpertLayout) -> None:
+def _replace(graph: Graph, dispatch: Dispatch, layout: ExpertLayout, emit=None) -> None:
+    """Compute the dispatch with the fused op (or with what `emit()` inserts) and reroute its uses."""
     output = dispatch.output
     hidden_value = fm.fake_value(dispatch.hidden)
-    op = _op_for(hidden_value)
     with graph.inserting_before(output):
-        operands = [view.emit(graph, dispatch.params[view.param]) if view else None
-                    for view in layout.operands()]
-        fused = graph.call_function(
-            op, (dispatch.hidden, dispatch.weights, dispatch.ids, *operands, layout.activation,
-                 GPT_OSS_ALPHA, GPT_OSS_LIMIT))
-        fused.meta["val"] = hidden_value.new_empty(hidden_value.shape)
+        if emit is not None:
+            fused = emit()
+        else:
+            operands = [view.emit(graph, dispatch.params[view.param]) if view else None
+                        for view in layout.operands()]
+            fused = graph.call_function(
+                _op_for(hidden_value), (dispatch.hidden, dispatch.weights, dispatch.ids, *operands,
+                                        layout.activation, GPT_OSS_ALPHA, GPT_OSS_LIMIT))
+            fused.meta["val"] = hidden_value.new_empty(hidden_value.shape)
         replacement = fused
         output_dtype = fm.fake_value(output).dtype
         if output_dtype != hidden_value.dtype:
