@@ -17,6 +17,11 @@ SEARCHSORTED = "aten.searchsorted.Tensor"
 INDUCTOR = LynxConfig(policy="none", experts="inductor")
 
 
+def unwrap(output):
+    """The (B, S, H) hidden states of a block that may also return router scores (GPT-OSS)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def test_option_is_validated_and_fuses():
     assert LynxConfig(experts="inductor").fuses_experts
     assert LynxConfig(policy="none", experts="inductor").fuses_experts
@@ -30,8 +35,7 @@ def test_every_architecture_becomes_two_grouped_gemms_and_matches_eager(arch, ex
     block = moe_block(arch, experts_impl=experts_impl, dtype=torch.bfloat16)
     hidden = decode_hidden(8, torch.bfloat16)
     with torch.no_grad():
-        expected = block(hidden)
-    expected = expected[0] if isinstance(expected, tuple) else expected
+        expected = unwrap(block(hidden))
     backend, got = run_pass_only(block, hidden, INDUCTOR)
     [site] = backend.routing_sites
     assert site.experts.startswith("fused:") and "2 aten._grouped_mm for Inductor" in site.experts, site.experts
@@ -63,8 +67,7 @@ def test_gate_and_up_stored_apart_take_three_grouped_gemms():
 ], ids=["float32", "unaligned_rows"])
 def test_operands_aten_cannot_take_leave_the_dispatch_with_the_reason(module, hidden, reason):
     with torch.no_grad():
-        expected = module(hidden)
-    expected = expected[0] if isinstance(expected, tuple) else expected
+        expected = unwrap(module(hidden))
     backend, got = run_pass_only(module, hidden, INDUCTOR)
     [site] = backend.routing_sites
     assert site.experts.startswith("kept:") and reason in site.experts, site.experts
@@ -80,7 +83,7 @@ def test_dynamic_batch_size_one_graph_serves_every_batch():
     with torch.no_grad():
         for batch in (8, 5, 3):
             hidden = decode_hidden(batch, torch.bfloat16, seed=batch)
-            assert_close_relative(compiled(hidden)[0], block(hidden)[0], torch.bfloat16)
+            assert_close_relative(unwrap(compiled(hidden)), unwrap(block(hidden)), torch.bfloat16)
     [site] = backend.routing_sites  # symbolic T: no guard on the batch size, no recompile
     assert site.experts.startswith("fused:"), site.experts
 
@@ -89,10 +92,10 @@ def test_inductor_compiles_it_with_weight_views_and_matches_eager():
     block = moe_block("gpt_oss", dtype=torch.bfloat16)
     hidden = decode_hidden(8, torch.bfloat16)
     with torch.no_grad():
-        expected = block(hidden)[0]
+        expected = unwrap(block(hidden))
         got, [code] = run_and_get_code(
             torch.compile(block, backend="lynx", options={"policy": "none", "experts": "inductor"}), hidden)
-    assert_close_relative(got[0], expected, torch.bfloat16)
+    assert_close_relative(unwrap(got), expected, torch.bfloat16)
     assert "torch.ops.lynx.moe_experts" not in code
     calls = [line.split("extern_kernels._grouped_mm(", 1)[1] for line in code.splitlines()
              if "extern_kernels._grouped_mm(" in line]
@@ -115,9 +118,9 @@ def test_with_selection_it_computes_what_the_fused_op_computes():
         return compile_with_lynx(gm, example_inputs, LynxConfig(experts="inductor"), on_report=reports.append)
 
     with torch.no_grad():
-        via_op = torch.compile(block, backend="lynx")(hidden)[0]
+        via_op = unwrap(torch.compile(block, backend="lynx")(hidden))
         torch._dynamo.reset()
-        via_inductor = torch.compile(block, backend=lynx_inductor_experts)(hidden)[0]
+        via_inductor = unwrap(torch.compile(block, backend=lynx_inductor_experts)(hidden))
     [site] = [site for report in reports for site in report.sites if site.is_routing]
     assert site.rewritten and "aten._grouped_mm for Inductor" in site.experts, site.experts
     assert_close_relative(via_inductor, via_op, torch.bfloat16)
