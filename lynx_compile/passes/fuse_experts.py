@@ -407,17 +407,19 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
 
 
 def _example(value, generator: torch.Generator, num_tokens: int, num_experts: int, top_k: int):
+    """A real input like `value`, on its device: the region's own constants (empty, iota, arange)
+    carry the graph's device, so a CUDA region checked on CPU inputs would fail on mixed devices."""
     if not isinstance(value, torch.Tensor):
         return optimization_hint(value)
     shape = [optimization_hint(s) for s in value.shape]
     if not value.is_floating_point():  # the ids: k distinct experts per token, expert 0 popular
         scores = torch.randn(num_tokens, num_experts, generator=generator)
         scores[: num_tokens // 2, 0] += 4.0
-        return scores.topk(top_k, dim=-1).indices.to(value.dtype)
+        return scores.topk(top_k, dim=-1).indices.to(value.device, value.dtype)
     scale = 1.0 / math.sqrt(shape[-1]) if len(shape) == 3 else 0.5
     if shape == [num_tokens, top_k]:  # routing weights: positive, like softmax outputs
-        return torch.rand(shape, generator=generator).to(value.dtype)
-    return (torch.randn(shape, generator=generator) * scale).to(value.dtype)
+        return torch.rand(shape, generator=generator).to(value.device, value.dtype)
+    return (torch.randn(shape, generator=generator) * scale).to(value.device, value.dtype)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, compute_dtype: torch.dtype) -> bool:

@@ -124,3 +124,19 @@ def test_with_selection_it_computes_what_the_fused_op_computes():
     [site] = [site for report in reports for site in report.sites if site.is_routing]
     assert site.rewritten and "aten._grouped_mm for Inductor" in site.experts, site.experts
     assert_close_relative(via_inductor, via_op, torch.bfloat16)
+
+
+def test_the_layout_check_builds_its_examples_on_the_graphs_device():
+    """A CUDA graph's dispatch holds device=cuda constants (empty, iota): checking it on CPU
+    examples would fail and keep every dispatch on a GPU. Shown with the meta device (no GPU here)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lynx_compile.passes.fuse_experts import _example
+
+    generator = torch.Generator().manual_seed(0)
+    with FakeTensorMode():
+        values = [torch.empty(4, 64, device="meta", dtype=torch.bfloat16), torch.empty(4, 2, device="meta"),
+                  torch.empty(4, 2, device="meta", dtype=torch.long), torch.empty(8, 192, 64, device="meta")]
+    examples = [_example(value, generator, 4, 8, 2) for value in values]
+    assert [(e.device.type, e.dtype, tuple(e.shape)) for e in examples] == [
+        (v.device.type, v.dtype, tuple(v.shape)) for v in values]
