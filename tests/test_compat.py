@@ -56,3 +56,32 @@ def test_the_last_resort_size_hint_reads_a_symbolic_size_without_a_guard():
     assert compat.example_size(size) == 7 and compat.example_size(5) == 5
     assert compat.optimization_hint(size) == 7  # whichever implementation this torch has
     assert not shape_env.guards
+
+
+_OLDER_TORCH = """
+import torch
+import torch._inductor.compile_fx, torch._inductor.pattern_matcher  # torch's own modules keep theirs
+import torch.fx.experimental.symbolic_shapes as symbolic_shapes
+import torch._inductor.custom_graph_pass as custom_graph_pass
+del symbolic_shapes.optimization_hint, custom_graph_pass.get_custom_graph_passes  # as on torch 2.11
+import lynx_compile
+from lynx_compile import compat
+from lynx_compile.config import LynxConfig
+from lynx_compile.passes.pass_manager import ChainedPasses, LynxPostGradPass, inductor_patches
+assert compat.optimization_hint is compat.example_size and not compat.CUSTOM_PASS_LISTS
+user_pass = ChainedPasses([])
+with torch._inductor.config.patch(post_grad_custom_pre_pass=user_pass):
+    [hook] = inductor_patches(LynxPostGradPass(LynxConfig())).values()
+assert isinstance(hook, ChainedPasses) and hook.passes[0] is user_pass
+print("OK")
+"""
+
+
+def test_the_package_imports_where_torch_lacks_both_newer_apis():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _OLDER_TORCH], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stdout + result.stderr[-3000:]
