@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench eval gpu-check clean
+.PHONY: setup test demo bench eval clean
 
 setup: $(STAMP)
 
@@ -27,10 +27,6 @@ bench: $(STAMP)
 
 eval: $(STAMP)
 	$(VENV)/bin/lynx-compile eval
-
-# On a GPU machine (see README, "The CUDA path"); `make test` runs its CPU rehearsal (--dry-run).
-gpu-check: $(STAMP)
-	$(PY) bench/gpu_check.py --out bench/results/gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info
