@@ -20,7 +20,8 @@ After:
     moe_experts = lynx.moe_experts(view, div_1, getitem_1, slice_1, slice_2, arg3_1,
                                    None, None, None, "silu", 1.702, 7.0)             # (T, H)
 
-and every use of `sum_3` reads `moe_experts`; the dispatch nodes die.
+and every use of `sum_3` reads `moe_experts`; the dispatch nodes die. With `experts="inductor"`
+the region is replaced by grouped GEMMs in plain aten ops instead (fuse_experts_inductor.py).
 
 How a dispatch is found, for any way of writing it (batched_mm's per-pair weight gather,
 grouped_mm's sort + offsets, gpt-fast's gather + einsum, GPT-OSS's biased interleaved SwiGLU):

@@ -3,6 +3,7 @@
 Order, fixed (each stage reads what the previous one left):
   1. find_routing    classify every aten.topk (routing site or not, and why)
   2. fuse_experts    the expert dispatch after a decode site -> lynx.moe_experts
+                     (experts="inductor": -> two aten._grouped_mm, fuse_experts_inductor.py)
                      (config.experts; it reads the top-k's outputs, so it runs before 3)
   3. rewrite_routing routing top-k -> lynx.batch_select (decode sites, policy != none)
   4. expand          lynx.batch_select -> its aten body, for Inductor to generate code from
