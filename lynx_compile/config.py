@@ -14,7 +14,7 @@ from typing import Any
 
 POLICIES = ("affinity_binning", "none")
 PHASES = ("decode", "all")
-EXPERTS_MODES = ("auto", "fused", "keep")
+EXPERTS_MODES = ("auto", "fused", "inductor", "keep")
 
 
 def _dynamo_passthrough_base() -> tuple[type, ...]:
@@ -59,7 +59,9 @@ class LynxConfig:
             graph, treat a batch of at most this many tokens as decode. None: leave such
             sites untouched (the reason shows in `explain`).
         experts: "fused" replaces the expert dispatch after a rewritten routing site with
-            lynx's fused MoE op; "keep" leaves it; "auto" fuses when a selection policy is on.
+            lynx's fused MoE op; "inductor" with sorted pairs + two aten._grouped_mm that
+            Inductor compiles (bf16 only); "keep" leaves it; "auto" fuses (the lynx op) when a
+            selection policy is on.
         max_experts: a top-k over more than this many columns is never taken for routing
             (vocabularies are larger; MoE layers have at most a few hundred experts).
         pad_token_id: rows of a decode batch whose current input token is this id are dead
@@ -96,7 +98,7 @@ class LynxConfig:
 
     @property
     def fuses_experts(self) -> bool:
-        return self.experts == "fused" or (self.experts == "auto" and self.selects)
+        return self.experts in ("fused", "inductor") or (self.experts == "auto" and self.selects)
 
     def resolved_alpha_beta(self, num_experts: int, top_k: int) -> tuple[float, int]:
         alpha, beta = default_alpha_beta(num_experts, top_k)

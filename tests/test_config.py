@@ -36,7 +36,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones():
     ("beta", 0, "an integer >= 1 or None"),
     ("phase", "prefill", "one of 'decode', 'all'"),
     ("max_decode_tokens", 2.5, "an integer >= 1 or None"),
-    ("experts", "fast", "one of 'auto', 'fused', 'keep'"),
+    ("experts", "fast", "one of 'auto', 'fused', 'inductor', 'keep'"),
     ("pad_token_id", -1, "an integer >= 0 or None"),
     ("pad_token_id", "<pad>", "an integer >= 0 or None"),
     ("config", {"policy": "none"}, "must be a lynx_compile.LynxConfig"),

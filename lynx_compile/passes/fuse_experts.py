@@ -20,7 +20,8 @@ After:
     moe_experts = lynx.moe_experts(view, div_1, getitem_1, slice_1, slice_2, arg3_1,
                                    None, None, None, "silu", 1.702, 7.0)             # (T, H)
 
-and every use of `sum_3` reads `moe_experts`; the dispatch nodes die.
+and every use of `sum_3` reads `moe_experts`; the dispatch nodes die. With `experts="inductor"`
+the region is replaced by grouped GEMMs in plain aten ops instead (fuse_experts_inductor.py).
 
 How a dispatch is found, for any way of writing it (batched_mm's per-pair weight gather,
 grouped_mm's sort + offsets, gpt-fast's gather + einsum, GPT-OSS's biased interleaved SwiGLU):
@@ -46,13 +47,15 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
-from torch.fx.experimental.symbolic_shapes import optimization_hint, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..compat import optimization_hint
 from ..config import LynxConfig
 from ..lowering.moe_experts_reference import fused_moe_reference, unsupported_reason
 from ..lowering.ops import moe_experts
 from . import fx_match as fm
 from .find_routing import RoutingSite
+from .fuse_experts_inductor import emit_grouped_mm, plan_grouped_mm
 
 aten = torch.ops.aten
 GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
@@ -147,7 +150,9 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         if isinstance(found, str):
             site.experts = f"kept: {found}"
             continue
-        unsupported = unsupported_reason(*(fm.fake_value(node) for node in (found.hidden, *found.params)))
+        inductor = config.experts == "inductor"  # grouped GEMMs Inductor compiles (fuse_experts_inductor.py)
+        unsupported = None if inductor else unsupported_reason(
+            *(fm.fake_value(node) for node in (found.hidden, *found.params)))
         if unsupported:
             site.experts = f"kept: {found.kind} dispatch, {unsupported}"
             continue
@@ -155,8 +160,17 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         if isinstance(layout, str):
             site.experts = f"kept: {found.kind} dispatch, {layout}"
             continue
-        _replace(graph, found, layout)
-        site.experts = f"fused: {found.kind} dispatch -> lynx.moe_experts ({layout.describe()})"
+        if inductor:
+            plan = plan_grouped_mm(found, layout)
+            if isinstance(plan, str):
+                site.experts = f"kept: {found.kind} dispatch, {plan}"
+                continue
+            _replace(graph, found, layout, lambda: emit_grouped_mm(graph, found, plan, GPT_OSS_ALPHA, GPT_OSS_LIMIT))
+            site.experts = (f"fused: {found.kind} dispatch -> {plan.num_grouped_mm} aten._grouped_mm for Inductor "
+                            f"({layout.describe()})")
+        else:
+            _replace(graph, found, layout)
+            site.experts = f"fused: {found.kind} dispatch -> lynx.moe_experts ({layout.describe()})"
         fused += 1
     return fused
 
@@ -394,17 +408,19 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
 
 
 def _example(value, generator: torch.Generator, num_tokens: int, num_experts: int, top_k: int):
+    """A real input like `value`, on its device: the region's own constants (empty, iota, arange)
+    carry the graph's device, so a CUDA region checked on CPU inputs would fail on mixed devices."""
     if not isinstance(value, torch.Tensor):
         return optimization_hint(value)
     shape = [optimization_hint(s) for s in value.shape]
     if not value.is_floating_point():  # the ids: k distinct experts per token, expert 0 popular
         scores = torch.randn(num_tokens, num_experts, generator=generator)
         scores[: num_tokens // 2, 0] += 4.0
-        return scores.topk(top_k, dim=-1).indices.to(value.dtype)
+        return scores.topk(top_k, dim=-1).indices.to(value.device, value.dtype)
     scale = 1.0 / math.sqrt(shape[-1]) if len(shape) == 3 else 0.5
     if shape == [num_tokens, top_k]:  # routing weights: positive, like softmax outputs
-        return torch.rand(shape, generator=generator).to(value.dtype)
-    return (torch.randn(shape, generator=generator) * scale).to(value.dtype)
+        return torch.rand(shape, generator=generator).to(value.device, value.dtype)
+    return (torch.randn(shape, generator=generator) * scale).to(value.device, value.dtype)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, compute_dtype: torch.dtype) -> bool:
@@ -416,17 +432,20 @@ def _close(got: torch.Tensor, expected: torch.Tensor, compute_dtype: torch.dtype
 
 # --- the replacement ----------------------------------------------------------------------------
 
-def _replace(graph: Graph, dispatch: Dispatch, layout: ExpertLayout) -> None:
+def _replace(graph: Graph, dispatch: Dispatch, layout: ExpertLayout, emit=None) -> None:
+    """Compute the dispatch with the fused op (or with what `emit()` inserts) and reroute its uses."""
     output = dispatch.output
     hidden_value = fm.fake_value(dispatch.hidden)
-    op = _op_for(hidden_value)
     with graph.inserting_before(output):
-        operands = [view.emit(graph, dispatch.params[view.param]) if view else None
-                    for view in layout.operands()]
-        fused = graph.call_function(
-            op, (dispatch.hidden, dispatch.weights, dispatch.ids, *operands, layout.activation,
-                 GPT_OSS_ALPHA, GPT_OSS_LIMIT))
-        fused.meta["val"] = hidden_value.new_empty(hidden_value.shape)
+        if emit is not None:
+            fused = emit()
+        else:
+            operands = [view.emit(graph, dispatch.params[view.param]) if view else None
+                        for view in layout.operands()]
+            fused = graph.call_function(
+                _op_for(hidden_value), (dispatch.hidden, dispatch.weights, dispatch.ids, *operands,
+                                        layout.activation, GPT_OSS_ALPHA, GPT_OSS_LIMIT))
+            fused.meta["val"] = hidden_value.new_empty(hidden_value.shape)
         replacement = fused
         output_dtype = fm.fake_value(output).dtype
         if output_dtype != hidden_value.dtype:

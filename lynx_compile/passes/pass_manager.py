@@ -5,6 +5,7 @@ Order, fixed (each stage reads what the previous one left):
                      site will be rewritten; the others are reported as they are
   1. find_routing    classify every aten.topk (routing site or not, and why)
   2. fuse_experts    the expert dispatch after a decode site -> lynx.moe_experts
+                     (experts="inductor": -> two aten._grouped_mm, fuse_experts_inductor.py)
                      (config.experts; it reads the top-k's outputs, so it runs before 3)
   3. rewrite_routing routing top-k -> lynx.batch_select (decode sites, policy != none)
   4. expand          lynx.batch_select -> its aten body, for Inductor to generate code from
@@ -30,6 +31,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph
 
+from ..compat import CUSTOM_PASS_LISTS
 from ..config import LynxConfig
 from ..lowering.expand_batch_select import expand_batch_select
 from .find_routing import RoutingSite, find_routing_sites
@@ -79,7 +81,7 @@ class LynxPostGradPass(CustomGraphPass):
 
 # The code that decides what the compiled graph contains. Other modules (eval, training, explain)
 # can change without invalidating every cached lynx compile.
-_COMPILE_SOURCES = ("passes", "lowering", "backend.py", "config.py", "record.py")
+_COMPILE_SOURCES = ("passes", "lowering", "backend.py", "compat.py", "config.py", "record.py")
 
 
 @functools.cache
@@ -96,7 +98,10 @@ def _source_hash() -> str:
 
 
 def inductor_patches(lynx_pass: LynxPostGradPass) -> dict[str, object]:
-    """Inductor config patches that add `lynx_pass` after whatever the hook already holds."""
+    """Inductor config patches that add `lynx_pass` after whatever the hook already holds.
+
+    A list where Inductor takes one (torch 2.13); where a hook holds a single pass (torch 2.11),
+    one `ChainedPasses` running the configured passes, then lynx's (see compat.py)."""
     existing = getattr(torch._inductor.config, HOOK)
     if existing is None:
         passes = []
@@ -104,4 +109,24 @@ def inductor_patches(lynx_pass: LynxPostGradPass) -> dict[str, object]:
         passes = list(existing)
     else:
         passes = [existing]
-    return {HOOK: passes + [lynx_pass]}
+    if CUSTOM_PASS_LISTS:
+        return {HOOK: passes + [lynx_pass]}
+    return {HOOK: ChainedPasses(passes + [lynx_pass]) if passes else lynx_pass}
+
+
+class ChainedPasses(CustomGraphPass):
+    """Several post-grad passes as the one pass an older torch's hook holds, run in order.
+
+    uuid: the passes' uuids together, or None (no FX graph caching, as Inductor itself decides
+    for such a pass) when one of them is a plain callable or has no uuid."""
+
+    def __init__(self, passes: list[Callable[[Graph], None]]) -> None:
+        self.passes = list(passes)
+
+    def __call__(self, graph: Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> tuple | None:
+        uuids = tuple(p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes)
+        return None if any(u is None for u in uuids) else uuids
