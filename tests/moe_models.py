@@ -72,9 +72,9 @@ def tiny_model(arch: str, *, num_layers: int = 1, experts_impl: str = "grouped_m
 
 
 def moe_block(arch: str, *, experts_impl: str = "grouped_mm", dtype: torch.dtype = torch.float32,
-              seed: int = 0) -> torch.nn.Module:
+              seed: int = 0, **overrides) -> torch.nn.Module:
     """The MoE block (router + experts, plus shared experts for DeepSeek) of a tiny model."""
-    return tiny_model(arch, experts_impl=experts_impl, dtype=dtype, seed=seed).model.layers[0].mlp
+    return tiny_model(arch, experts_impl=experts_impl, dtype=dtype, seed=seed, **overrides).model.layers[0].mlp
 
 
 def decode_hidden(batch: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:

@@ -108,6 +108,8 @@ class ExpertLayout:
     b_up: View | None
     b_down: View | None
     activation: str
+    alpha: float = 1.702  # GPT-OSS SwiGLU: sigmoid(alpha * gate)
+    limit: float = 7.0  # GPT-OSS SwiGLU: gate clamped at limit, up at +-limit
 
     def operands(self) -> tuple[View | None, ...]:
         return (self.gate, self.up, self.down, self.b_gate, self.b_up, self.b_down)
@@ -115,7 +117,9 @@ class ExpertLayout:
     def describe(self) -> str:
         fused = self.gate.param == self.up.param
         split = {"first": "concatenated", "even": "interleaved"}.get(self.gate.part, "")
-        parts = [self.activation, f"gate/up {split + ' ' if fused else ''}{'fused' if fused else 'separate'}"]
+        activation = self.activation if self.activation != "gpt_oss" else \
+            f"gpt_oss (alpha {self.alpha:g}, limit {self.limit:g})"
+        parts = [activation, f"gate/up {split + ' ' if fused else ''}{'fused' if fused else 'separate'}"]
         if self.gate.transposed:
             parts.append("transposed")
         if self.b_down is not None:
@@ -165,7 +169,7 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
             if isinstance(plan, str):
                 site.experts = f"kept: {found.kind} dispatch, {plan}"
                 continue
-            _replace(graph, found, layout, lambda: emit_grouped_mm(graph, found, plan, GPT_OSS_ALPHA, GPT_OSS_LIMIT))
+            _replace(graph, found, layout, lambda: emit_grouped_mm(graph, found, plan, layout.alpha, layout.limit))
             site.experts = (f"fused: {found.kind} dispatch -> {plan.num_grouped_mm} aten._grouped_mm for Inductor "
                             f"({layout.describe()})")
         else:
@@ -249,6 +253,11 @@ def _region(output: Node, ids: Node, downstream: set[Node], ids_shape, hidden_si
             pending.extend(node.all_input_nodes)
         elif role is None:
             value = fm.fake_value(node)
+            if node.op == "placeholder" and isinstance(value, torch.Tensor) and value.dim() == 0 \
+                    and value.is_floating_point():
+                return (f"the dispatch reads {node.name}, a Python float the graph takes as a run-time input "
+                        "(torch.compile(dynamic=True) leaves floats unspecialized; set "
+                        "torch._dynamo.config.specialize_float = True, or let Dynamo mark shapes dynamic itself)")
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             return f"the dispatch also reads {node.name} ({fm.op_name(node)}, {shape})"
         else:
@@ -284,9 +293,13 @@ def _input_role(node: Node, num_tokens, top_k: int, hidden_size, num_experts: in
         return "hidden"
     if _is_routing_weights(node, num_tokens, top_k):
         return "weights"
-    if fm.is_call(node, *_FOLLOW_UP) and len(node.all_input_nodes) == 1:
-        return "follow"
+    if fm.is_call(node, *_FOLLOW_UP) and len(_tensor_inputs(node)) == 1:
+        return "follow"  # a reshape of one tensor; its SymInt sizes (dynamic T) become "sizes" inputs
     return None
+
+
+def _tensor_inputs(node: Node) -> list[Node]:
+    return [arg for arg in node.all_input_nodes if isinstance(fm.fake_value(arg), torch.Tensor)]
 
 
 def _kind(nodes: set[Node]) -> str:
@@ -333,7 +346,9 @@ def _signature(dispatch: Dispatch) -> str:
     return "\n".join([repr(shapes), *steps])
 
 
-def _candidates(params: list[torch.Tensor], hidden_size: int) -> list[ExpertLayout]:
+def _candidates(params: list[torch.Tensor], hidden_size: int, constants: set[float] = frozenset()) -> list[ExpertLayout]:
+    """Every way the parameters can be gate / up / down; GPT-OSS layouts once per (alpha, limit)
+    drawn from the region's own float literals and the usual 1.702 / 7.0."""
     matrices = [i for i, p in enumerate(params) if p.dim() == 3]
     vectors = [i for i, p in enumerate(params) if p.dim() == 2]
     shape = [tuple(p.shape[1:]) for p in params]
@@ -365,7 +380,11 @@ def _candidates(params: list[torch.Tensor], hidden_size: int) -> list[ExpertLayo
                             if not vectors:
                                 layouts.append(ExpertLayout(View(g, g_t), View(u, u_t), View(d, d_t),
                                                             None, None, None, activation))
-    return layouts
+    alphas = [GPT_OSS_ALPHA, *sorted(constants - {GPT_OSS_ALPHA})]
+    limits = [GPT_OSS_LIMIT, *sorted(constants - {GPT_OSS_LIMIT})]
+    return [dataclasses.replace(layout, alpha=alpha, limit=limit) if layout.activation == "gpt_oss" else layout
+            for layout in layouts
+            for alpha, limit in (itertools.product(alphas, limits) if layout.activation == "gpt_oss" else [(0, 0)])]
 
 
 def _with_biases(gate, up, down, vectors, shape, inter, hidden_size, activation, first, second):
@@ -395,16 +414,39 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
             return f"running the dispatch on example inputs failed ({type(error).__name__}: {error})"
         hidden, weights, ids = real[:3]
         params = real[3:3 + len(dispatch.params)]
-        for layout in _candidates(params, hidden_size):
+        # GPT-OSS's clamp only acts on large pre-activations: check a scaled-up input as well, or a
+        # model with another swiglu_limit would pass as the fused op's 7.0.
+        large = [real[0] * _CLAMP_PROBE_SCALE, *real[1:]]
+        expected_large = None
+        for layout in _candidates(params, hidden_size, _float_constants(dispatch.nodes)):
             operands = [view.apply(params[view.param]) if view else None for view in layout.operands()]
             try:
-                got = fused_moe_reference(hidden, weights, ids, *operands, layout.activation,
-                                          GPT_OSS_ALPHA, GPT_OSS_LIMIT)
+                got = fused_moe_reference(hidden, weights, ids, *operands, layout.activation, layout.alpha, layout.limit)
             except (ValueError, RuntimeError):
                 continue
-            if got.shape == expected.shape and _close(got, expected, hidden.dtype):
-                return layout
+            if not (got.shape == expected.shape and _close(got, expected, hidden.dtype)):
+                continue
+            if layout.activation == "gpt_oss":
+                expected_large = region(*large) if expected_large is None else expected_large
+                got_large = fused_moe_reference(large[0], weights, ids, *operands, layout.activation,
+                                                layout.alpha, layout.limit)
+                if not _close(got_large, expected_large, hidden.dtype):
+                    continue
+            return layout
     return "no fused expert layout computes what it computes (checked on example inputs)"
+
+
+def _float_constants(nodes: list[Node]) -> set[float]:
+    """Finite non-zero float literals in the region (GPT-OSS's alpha and limit are among them)."""
+    found = set()
+    for node in nodes:
+        for arg in (*node.args, *node.kwargs.values()):
+            if isinstance(arg, float) and math.isfinite(arg) and arg not in (0.0, 1.0, -1.0):
+                found.add(abs(arg))
+    return found
+
+
+_CLAMP_PROBE_SCALE = 40.0  # pre-activations ~N(0, 20): well past GPT-OSS's clamp at +-7
 
 
 def _example(value, generator: torch.Generator, num_tokens: int, num_experts: int, top_k: int):
@@ -444,7 +486,7 @@ def _replace(graph: Graph, dispatch: Dispatch, layout: ExpertLayout, emit=None) 
                         for view in layout.operands()]
             fused = graph.call_function(
                 _op_for(hidden_value), (dispatch.hidden, dispatch.weights, dispatch.ids, *operands,
-                                        layout.activation, GPT_OSS_ALPHA, GPT_OSS_LIMIT))
+                                        layout.activation, layout.alpha, layout.limit))
             fused.meta["val"] = hidden_value.new_empty(hidden_value.shape)
         replacement = fused
         output_dtype = fm.fake_value(output).dtype

@@ -74,7 +74,7 @@ def test_every_architecture_and_implementation_fuses_and_matches_eager(arch, exp
 
 def test_gpt_oss_layout_is_recognised():
     backend, _ = run_pass_only(moe_block("gpt_oss"), decode_hidden(4), FUSED)
-    assert "gpt_oss, gate/up interleaved fused, transposed, biased" in backend.routing_sites[0].experts
+    assert "gpt_oss (alpha 1.702, limit 7), gate/up interleaved fused, transposed, biased" in backend.routing_sites[0].experts
 
 
 def test_gpt_fast_gather_einsum_fuses_with_separate_weights():
@@ -167,17 +167,53 @@ def test_explain_reports_the_experts_decision():
     assert "experts" in report.table().splitlines()[0]
 
 
-def test_dynamic_batch_size_fuses_and_matches_eager():
-    block = moe_block("mixtral", dtype=torch.bfloat16)
+DISPATCH_FORMS = [("mixtral", "grouped_mm"), ("mixtral", "batched_mm"), ("gpt_oss", "grouped_mm"),
+                  ("gpt_oss", "batched_mm"), ("deepseek_v3", "grouped_mm"), ("deepseek_v3", "batched_mm"),
+                  ("gpt_fast", None)]
+
+
+@pytest.mark.parametrize("arch, experts_impl", DISPATCH_FORMS)
+def test_symbolic_batch_fuses_exactly_as_a_static_one(arch, experts_impl):
+    """dynamic=True: T is a symbol and reshapes take SymInt sizes (they used to block the region).
+    GPT-OSS's Python-float alpha/limit would become run-time inputs under dynamic=True, so floats are
+    specialized as Dynamo does when it marks shapes dynamic by itself (generate()'s path)."""
+    if arch == "gpt_fast":
+        module, make = GptFastMoE(), (lambda batch: torch.randn(batch, 1, 32, generator=torch.Generator().manual_seed(batch)))
+    else:
+        module = moe_block(arch, experts_impl=experts_impl, dtype=torch.bfloat16)
+        make = lambda batch: decode_hidden(batch, torch.bfloat16, seed=batch)  # noqa: E731
     backend = PassOnlyBackend(FUSED)
     torch._dynamo.reset()
-    compiled = torch.compile(block, backend=backend, dynamic=True)
-    with torch.no_grad():
+    with torch._dynamo.config.patch(specialize_float=True), torch.no_grad():
+        compiled = torch.compile(module, backend=backend, dynamic=True)
         for batch in (8, 5):
-            hidden = decode_hidden(batch, torch.bfloat16, seed=batch)
-            assert_close_relative(compiled(hidden)[0], block(hidden)[0], torch.bfloat16)
+            got, expected = compiled(make(batch)), module(make(batch))
+            got, expected = (o[0] if isinstance(o, tuple) else o for o in (got, expected))
+            assert_close_relative(got, expected, torch.bfloat16)
     [site] = backend.routing_sites  # one graph, symbolic T, serves both batch sizes
+    assert not isinstance(site.phase.tokens_from.meta["val"].shape[0], int)  # the batch is a symbol
     assert site.experts.startswith("fused:"), site.experts
+    assert backend.total("after", MOE_EXPERTS) == 1
+
+
+def test_a_float_taken_as_a_run_time_input_is_named_in_the_reason():
+    backend = PassOnlyBackend(FUSED)
+    with torch.no_grad():
+        torch.compile(moe_block("gpt_oss"), backend=backend, dynamic=True)(decode_hidden(4))
+    [site] = backend.routing_sites
+    assert site.experts.startswith("kept:") and "specialize_float" in site.experts, site.experts
+
+
+def test_gpt_oss_with_its_own_alpha_and_limit_fuses_with_them():
+    """The clamp acts only on large pre-activations; a limit other than 7.0 must be found, not assumed."""
+    block = moe_block("gpt_oss", swiglu_limit=2.0, swiglu_alpha=1.25)
+    hidden = decode_hidden(8) * 40  # large enough for the clamp to bite
+    with torch.no_grad():
+        expected = block(hidden)[0]
+    backend, got = run_pass_only(block, hidden, FUSED)
+    [site] = backend.routing_sites
+    assert "gpt_oss (alpha 1.25, limit 2)" in site.experts, site.experts
+    assert_close_relative(got, expected, torch.float32)
 
 
 def test_the_layers_of_one_model_are_checked_once(monkeypatch):
