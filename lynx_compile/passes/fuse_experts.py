@@ -51,6 +51,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..compat import optimization_hint
 from ..config import LynxConfig
+from ..lowering.kernels.choice import auto_keeps_dispatch
 from ..lowering.moe_experts_reference import fused_moe_reference, unsupported_reason
 from ..lowering.ops import moe_experts
 from . import fx_match as fm
@@ -154,6 +155,11 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         if isinstance(found, str):
             site.experts = f"kept: {found}"
             continue
+        if config.experts == "auto":
+            keeps = auto_keeps_dispatch(fm.fake_value(found.hidden))
+            if keeps:
+                site.experts = f"kept: {keeps}"
+                continue
         inductor = config.experts == "inductor"  # grouped GEMMs Inductor compiles (fuse_experts_inductor.py)
         unsupported = None if inductor else unsupported_reason(
             *(fm.fake_value(node) for node in (found.hidden, *found.params)))

@@ -34,6 +34,7 @@ from torch.fx import Graph
 from ..compat import CUSTOM_PASS_LISTS
 from ..config import LynxConfig
 from ..lowering.expand_batch_select import expand_batch_select
+from ..lowering.kernels.choice import cpu_features
 from .find_routing import RoutingSite, find_routing_sites
 from .fuse_experts import fuse_expert_dispatches
 from .max_routing import canonicalize_max_routing
@@ -75,8 +76,9 @@ class LynxPostGradPass(CustomGraphPass):
             self.on_report(GraphReport(sites, before, after_rewrite, str(graph)))
 
     def uuid(self) -> str:
+        # The CPU's features decide experts="auto" (lowering/kernels/choice.py): part of the key.
         return hashlib.sha256(
-            f"{_source_hash()}|{self.config!r}|record={self.record}".encode()).hexdigest()
+            f"{_source_hash()}|{self.config!r}|record={self.record}|{cpu_features()}".encode()).hexdigest()
 
 
 # The code that decides what the compiled graph contains. Other modules (eval, training, explain)

@@ -1,13 +1,21 @@
-"""The CPU fused-MoE kernel against the torch reference: layouts, activations, dtypes, edge cases."""
+"""The CPU fused-MoE kernel against the torch reference: layouts, activations, dtypes, edge cases,
+on every kernel path (LYNX_CPU_KERNEL), whatever the CPU running the tests."""
 
 import pytest
 import torch
 
 from lynx_compile.lowering import ops  # noqa: F401  (registers lynx::moe_experts)
 from lynx_compile.lowering.moe_experts_reference import fused_moe_reference
-from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
+from lynx_compile.lowering.kernels.moe_experts_cpu import KERNEL_PATHS, describe_path, moe_experts_cpu
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's largest value
+
+
+@pytest.fixture(autouse=True, params=list(KERNEL_PATHS))
+def kernel_path(request, monkeypatch):
+    """Each test once per path: 16 and 8 fp32 lanes, no intrinsics, and what auto picks here."""
+    monkeypatch.setenv("LYNX_CPU_KERNEL", request.param)
+    return describe_path(request.param)
 
 
 def make_case(T, k, E, H, I, dtype, layout, biased, seed=0, ids=None):
@@ -52,6 +60,7 @@ def test_matches_reference(dtype, layout, activation):
     dict(T=1, k=2, E=8, H=64, I=96),  # one token: two experts read, six never touched
     dict(T=7, k=1, E=4, H=13, I=7),  # k = 1, sizes that are not a multiple of the vector width
     dict(T=33, k=4, E=16, H=40, I=24),  # more tokens than one register block
+    dict(T=12, k=2, E=2, H=1100, I=1030),  # 12 tokens per expert: widened tiles, K past one tile
 ])
 def test_edge_shapes(shape):
     for dtype in (torch.float32, torch.bfloat16):

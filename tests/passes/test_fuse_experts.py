@@ -248,3 +248,22 @@ def test_a_dtype_no_kernel_takes_leaves_the_dispatch_and_runs(arch, experts_impl
     report = lynx_compile.explain(block, hidden, config=LynxConfig(**options))
     [site] = report.routing_sites
     assert site.experts.startswith("kept:") and "hidden dtype float16: the cpu kernel takes" in site.experts
+
+
+@pytest.mark.parametrize("bf16_dot_products, dtype, fused", [
+    (True, torch.bfloat16, False),  # oneDNN's native bf16 GEMMs beat the fp32-FMA kernel there
+    (True, torch.float32, True),
+    (False, torch.bfloat16, True),
+])
+def test_auto_decides_from_the_cpu_it_runs_on(monkeypatch, bf16_dot_products, dtype, fused):
+    from lynx_compile.lowering.kernels import choice
+
+    monkeypatch.setattr(choice, "cpu_has_bf16_dot_products", lambda: bf16_dot_products)
+    backend, _ = run_pass_only(moe_block("mixtral", dtype=dtype), decode_hidden(8, dtype), LynxConfig())
+    [site] = backend.routing_sites
+    assert site.rewritten  # selection applies either way
+    assert backend.total("after", MOE_EXPERTS) == int(fused)
+    if not fused:
+        assert site.experts.startswith("kept: experts='auto' on a") and "experts='fused' forces" in site.experts
+    forced, _ = run_pass_only(moe_block("mixtral", dtype=dtype), decode_hidden(8, dtype), LynxConfig(experts="fused"))
+    assert forced.total("after", MOE_EXPERTS) == 1

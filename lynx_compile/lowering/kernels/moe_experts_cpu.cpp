@@ -16,31 +16,62 @@
 // Weights may be bf16 or fp32 and are addressed through element strides, so concatenated,
 // interleaved and transposed layouts are views. For a (E, N, K) matrix (N outputs, K inputs):
 // stride_k == 1 is the usual row-major form (dot products along K); stride_n == 1 is the
-// transposed storage (columns contiguous: accumulate x[k] * W[k, n0:n0+8] along K).
-// Bf16 weights are widened to fp32 in registers, never copied.
+// transposed storage (columns contiguous: accumulate x[k] * W[k, n0:n0+lanes] along K).
+// Bf16 weights are widened to fp32 in registers or in a small per-thread L1 tile, never copied
+// whole.
 //
-// Vectors are GCC vector extensions (8 fp32 lanes): the compiler emits AVX2/AVX-512 or SSE
-// code for whatever ISA the build flags allow, so one source serves every x86 machine.
+// Vectors are GCC vector extensions of kLanes fp32 lanes: 16 where the build targets AVX-512
+// (Inductor's flags for the CPU this runs on), else 8; the compiler emits AVX-512, AVX2 or SSE
+// code from one source. LYNX_LANES / LYNX_GENERIC (prepended by moe_experts_cpu.py) force a
+// lower path so every path is tested on any machine: LYNX_LANES 8 on an AVX-512 CPU is the AVX2
+// path; LYNX_GENERIC uses no intrinsics at all (plain vector code, as on any other ISA).
+//
+// The matrix products (`matmul`) are dot products along K, register-blocked R weight rows x M
+// token rows (R*M independent fp32 accumulators: enough to cover the FMA latency, which a
+// 2 x 4 block did not), with the block shape chosen by the tokens the expert has:
+//   1 token  -> 12 rows x 1 token     (weights streamed once, widened in registers)
+//   2 tokens ->  6 rows x 2 tokens
+//   3+       -> bf16 weights are widened once per (4 rows x 1024 K) tile into an L1-resident
+//               fp32 block, then 4 rows x 3 tokens blocks run over every token of the expert,
+//               so each weight element is converted once, not once per token block.
+// Numerics on every path: bf16 weights and activations widened exactly to fp32, products summed
+// in fp32 (fused multiply-add where the ISA has it), the same as the torch reference up to the
+// order of the fp32 sums.
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
-#ifdef __AVX2__
+#if defined(__AVX2__) && !LYNX_GENERIC
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#ifndef LYNX_GENERIC
+#define LYNX_GENERIC 0
+#endif
+#ifndef LYNX_PACK_MIN_ROWS
+#define LYNX_PACK_MIN_ROWS 6  // fewer tokens reuse a tile too little to pay for widening it (measured)
+#endif
+#ifndef LYNX_LANES
+#ifdef __AVX512F__
+#define LYNX_LANES 16
+#else
+#define LYNX_LANES 8
+#endif
+#endif
+
 namespace {
 
-typedef float vf8 __attribute__((vector_size(32)));
-typedef uint32_t vu8 __attribute__((vector_size(32)));
-typedef uint16_t vh8 __attribute__((vector_size(16)));
+constexpr int kLanes = LYNX_LANES;
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
 
-constexpr int kLanes = 8;
 enum DType { kFloat32 = 0, kBFloat16 = 1 };
 enum Activation { kSiluGated = 0, kGptOss = 1 };
 
@@ -63,32 +94,38 @@ inline float round_to(float f, int dtype) {
   return dtype == kBFloat16 ? bf16_to_float(float_to_bf16(f)) : f;
 }
 
-inline vf8 load8(const float* p) {
-  vf8 v;
+inline vf loadv(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline vf8 load8(const uint16_t* p) {  // bf16 -> fp32: the bf16 bits are the fp32's high half
-#ifdef __AVX2__
-  // One widening load and a shift; the generic form below compiles to five instructions.
+inline vf loadv(const uint16_t* p) {  // bf16 -> fp32: the bf16 bits are the fp32's high half
+#if defined(__AVX2__) && !LYNX_GENERIC && LYNX_LANES == 8
+  // One widening load and a shift; the generic form compiles to more instructions on AVX2.
   __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-  return reinterpret_cast<vf8>(_mm256_castsi256_ps(bits));
+  return reinterpret_cast<vf>(_mm256_castsi256_ps(bits));
 #else
-  vh8 h;
+  vh h;
   std::memcpy(&h, p, sizeof(h));
-  vu8 bits = __builtin_convertvector(h, vu8) << 16;
-  vf8 v;
+  vu bits = __builtin_convertvector(h, vu) << 16;
+  vf v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
 #endif
 }
 
-// acc + a * b. Explicit, because Inductor's build flags turn off contraction (-ffp-contract=off).
-inline vf8 fma8(vf8 a, vf8 b, vf8 acc) {
-#ifdef __FMA__
-  return reinterpret_cast<vf8>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
-                                               reinterpret_cast<__m256>(acc)));
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// acc + a * b, fused where the ISA has FMA. Explicit, because Inductor's build flags turn off
+// contraction (-ffp-contract=off) for generated kernels.
+inline vf fmav(vf a, vf b, vf acc) {
+#if defined(__AVX512F__) && !LYNX_GENERIC && LYNX_LANES == 16
+  return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                              reinterpret_cast<__m512>(acc)));
+#elif defined(__FMA__) && !LYNX_GENERIC && LYNX_LANES == 8
+  return reinterpret_cast<vf>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                              reinterpret_cast<__m256>(acc)));
 #else
   return acc + a * b;
 #endif
@@ -97,7 +134,7 @@ inline vf8 fma8(vf8 a, vf8 b, vf8 acc) {
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
 
-inline float hsum(vf8 v) {
+inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
@@ -109,55 +146,70 @@ struct Weight {
   int64_t se, sn, sk;
 };
 
-// out[t][n] (t < rows, n in [n0, n1)) = sum_k x[t][k] * W[e][n][k], W row-major along K.
-// Register block: R weight rows x M token rows of fp32 accumulators; every weight vector
-// loaded is used M times, every x vector R times.
+// out[m * out_stride + r] (+)= sum_k x[m][k] * w[r][k] for r < R, m < M, k < K; rows of w along K.
+// R*M accumulators live in registers: R*M + M + 1 <= 16 vector registers (AVX2) for the shapes
+// used: 12x1, 6x2, 4x3.
 template <typename W, int R, int M>
-inline void rows_block(const W* w, int64_t sn, const float* x, int64_t x_stride, int64_t K,
-                       float* out, int64_t out_stride) {
-  vf8 acc[R][M] = {};
+inline void dot_block(const W* w, int64_t sn, const float* x, int64_t x_stride, int64_t K, float* out,
+                      int64_t out_stride, bool accumulate) {
+  vf acc[R][M] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
-    vf8 xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = load8(x + m * x_stride + k);
+    vf xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = loadv(x + m * x_stride + k);
     for (int r = 0; r < R; ++r) {
-      vf8 wv = load8(w + r * sn + k);
-      for (int m = 0; m < M; ++m) acc[r][m] = fma8(wv, xv[m], acc[r][m]);
+      const vf wv = loadv(w + r * sn + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = fmav(wv, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < M; ++m) {
       float s = hsum(acc[r][m]);
       for (int64_t kk = k; kk < K; ++kk) s += load1(w + r * sn + kk) * x[m * x_stride + kk];
-      out[m * out_stride + r] = s;
+      float& o = out[m * out_stride + r];
+      o = accumulate ? o + s : s;
     }
   }
 }
 
-template <typename W, int R>
-inline void rows_tokens(const W* w, int64_t sn, const float* x, int64_t x_stride, int64_t rows,
-                        int64_t K, float* out, int64_t out_stride) {
+// Every token row against R weight rows: blocks of M tokens, then the remainder.
+template <typename W, int R, int M>
+inline void dot_rows(const W* w, int64_t sn, const float* x, int64_t x_stride, int64_t rows, int64_t K,
+                     float* out, int64_t out_stride, bool accumulate) {
   int64_t m = 0;
-  for (; m + 4 <= rows; m += 4)
-    rows_block<W, R, 4>(w, sn, x + m * x_stride, x_stride, K, out + m * out_stride, out_stride);
-  switch (rows - m) {
-    case 3: rows_block<W, R, 3>(w, sn, x + m * x_stride, x_stride, K, out + m * out_stride, out_stride); break;
-    case 2: rows_block<W, R, 2>(w, sn, x + m * x_stride, x_stride, K, out + m * out_stride, out_stride); break;
-    case 1: rows_block<W, R, 1>(w, sn, x + m * x_stride, x_stride, K, out + m * out_stride, out_stride); break;
+  for (; m + M <= rows; m += M)
+    dot_block<W, R, M>(w, sn, x + m * x_stride, x_stride, K, out + m * out_stride, out_stride, accumulate);
+  if constexpr (M > 1) {
+    switch (rows - m) {
+      case 2: dot_block<W, R, 2>(w, sn, x + m * x_stride, x_stride, K, out + m * out_stride, out_stride, accumulate); break;
+      case 1: dot_block<W, R, 1>(w, sn, x + m * x_stride, x_stride, K, out + m * out_stride, out_stride, accumulate); break;
+    }
   }
 }
 
-// Transposed storage: W[e] element (n, k) at n*1 + k*sk. Accumulate 8 outputs per vector.
+// Any weight rows count: blocks of R rows, then single rows.
+template <typename W, int R, int M>
+inline void dot_all(const W* w, int64_t sn, int64_t count, const float* x, int64_t x_stride, int64_t rows,
+                    int64_t K, float* out, int64_t out_stride, bool accumulate) {
+  int64_t n = 0;
+  for (; n + R <= count; n += R)
+    dot_rows<W, R, M>(w + n * sn, sn, x, x_stride, rows, K, out + n, out_stride, accumulate);
+  for (; n < count; ++n) dot_rows<W, 1, M>(w + n * sn, sn, x, x_stride, rows, K, out + n, out_stride, accumulate);
+}
+
+constexpr int64_t kPackRows = 4, kPackK = 1024;  // a 16 KB fp32 tile: fits L1 beside 3 token rows
+
+// Transposed storage: W[e] element (n, k) at n*1 + k*sk. Accumulate kLanes outputs per vector.
 template <typename W, int M>
 inline void cols_block(const W* w, int64_t sk, const float* x, int64_t x_stride, int64_t K, int64_t width,
                        float* out, int64_t out_stride) {
   if (width == kLanes) {
-    vf8 acc[M] = {};
+    vf acc[M] = {};
     for (int64_t k = 0; k < K; ++k) {
-      vf8 wv = load8(w + k * sk);
-      for (int m = 0; m < M; ++m) acc[m] = fma8(wv, vf8{} + x[m * x_stride + k], acc[m]);
+      const vf wv = loadv(w + k * sk);
+      for (int m = 0; m < M; ++m) acc[m] = fmav(wv, vf{} + x[m * x_stride + k], acc[m]);
     }
-    for (int m = 0; m < M; ++m) std::memcpy(out + m * out_stride, &acc[m], sizeof(vf8));
+    for (int m = 0; m < M; ++m) storev(out + m * out_stride, acc[m]);
     return;
   }
   for (int m = 0; m < M; ++m)  // ragged last columns
@@ -169,20 +221,37 @@ inline void cols_block(const W* w, int64_t sk, const float* x, int64_t x_stride,
 }
 
 // out (rows, n1 - n0) = x (rows, K) @ W[e][n0:n1, :]^T, any supported layout.
-// Register blocks fit in 16 vector registers (AVX2): one token row -> 8 weight rows at a time;
-// more -> 2 weight rows x 4 token rows (8 accumulators, 4 x vectors, 1 weight vector).
 template <typename W>
 void matmul_rows(const Weight& weight, int64_t e, int64_t n0, int64_t n1, const float* x, int64_t x_stride,
-                 int64_t rows, int64_t K, float* out, int64_t out_stride) {
+                 int64_t rows, int64_t K, float* out, int64_t out_stride, float* pack) {
   const W* w = static_cast<const W*>(weight.base) + e * weight.se + n0 * weight.sn;
-  int64_t count = n1 - n0;
+  const int64_t count = n1 - n0;
   if (weight.sk == 1) {
-    int64_t n = 0;
-    if (rows == 1)
-      for (; n + 8 <= count; n += 8) rows_block<W, 8, 1>(w + n * weight.sn, weight.sn, x, x_stride, K, out + n, out_stride);
-    for (; n + 2 <= count; n += 2) rows_tokens<W, 2>(w + n * weight.sn, weight.sn, x, x_stride, rows, K, out + n, out_stride);
-    for (; n < count; ++n) rows_tokens<W, 1>(w + n * weight.sn, weight.sn, x, x_stride, rows, K, out + n, out_stride);
-    return;
+    if (rows == 1) return dot_all<W, 12, 1>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
+    if (rows == 2) return dot_all<W, 6, 2>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
+    if (sizeof(W) == 4 || rows < LYNX_PACK_MIN_ROWS) {  // fp32: nothing to widen; few tokens: little reuse
+      return dot_all<W, 4, 3>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
+    } else {
+      // bf16, 3+ tokens: widen a (4 rows x kPackK) tile once, reuse it for every token.
+      for (int64_t n = 0; n < count; n += kPackRows) {
+        const int64_t tile_rows = count - n < kPackRows ? count - n : kPackRows;
+        for (int64_t k0 = 0; k0 < K; k0 += kPackK) {
+          const int64_t depth = K - k0 < kPackK ? K - k0 : kPackK;
+          for (int64_t r = 0; r < tile_rows; ++r) {
+            const W* src = w + (n + r) * weight.sn + k0;
+            float* dst = pack + r * kPackK;
+            int64_t k = 0;
+            for (; k + kLanes <= depth; k += kLanes) storev(dst + k, loadv(src + k));
+            for (; k < depth; ++k) dst[k] = load1(src + k);
+          }
+          if (tile_rows == kPackRows)
+            dot_rows<float, kPackRows, 3>(pack, kPackK, x + k0, x_stride, rows, depth, out + n, out_stride, k0 > 0);
+          else
+            dot_all<float, 1, 3>(pack, kPackK, tile_rows, x + k0, x_stride, rows, depth, out + n, out_stride, k0 > 0);
+        }
+      }
+      return;
+    }
   }
   // transposed (sn == 1)
   for (int64_t n = 0; n < count; n += kLanes) {
@@ -196,11 +265,11 @@ void matmul_rows(const Weight& weight, int64_t e, int64_t n0, int64_t n1, const 
 }
 
 void matmul(int dtype, const Weight& weight, int64_t e, int64_t n0, int64_t n1, const float* x, int64_t x_stride,
-            int64_t rows, int64_t K, float* out, int64_t out_stride) {
+            int64_t rows, int64_t K, float* out, int64_t out_stride, float* pack) {
   if (dtype == kBFloat16)
-    matmul_rows<uint16_t>(weight, e, n0, n1, x, x_stride, rows, K, out, out_stride);
+    matmul_rows<uint16_t>(weight, e, n0, n1, x, x_stride, rows, K, out, out_stride, pack);
   else
-    matmul_rows<float>(weight, e, n0, n1, x, x_stride, rows, K, out, out_stride);
+    matmul_rows<float>(weight, e, n0, n1, x, x_stride, rows, K, out, out_stride, pack);
 }
 
 inline float activate(float g, float u, int activation, float alpha, float limit) {
@@ -230,8 +299,8 @@ int64_t task_rows(int64_t rows, int64_t active_experts, int threads) {
   int64_t want_tasks = 8 * int64_t(threads);
   int64_t per_expert = (want_tasks + active_experts - 1) / active_experts;
   int64_t block = (rows + per_expert - 1) / per_expert;
-  block = (block + 7) / 8 * 8;
-  return block < 8 ? 8 : block;
+  block = (block + 11) / 12 * 12;  // a multiple of every register block's row count (12, 6, 4)
+  return block < 12 ? 12 : block;
 }
 
 }  // namespace
@@ -265,16 +334,21 @@ extern "C" int lynx_moe_experts(
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += counts[e] > 0;
 
-  std::vector<float> xs(P * H), act(P * I), ys(P * H);
+  // Scratch, written before it is read: no zero-filling.
+  std::unique_ptr<float[]> xs_buffer(new float[P * H]), act_buffer(new float[P * I]), ys_buffer(new float[P * H]);
+  float* const xs = xs_buffer.get();
+  float* const act = act_buffer.get();
+  float* const ys = ys_buffer.get();
   const Weight gate{w_gate, g_se, g_sn, g_sk}, up{w_up, u_se, u_sn, u_sk}, down{w_down, d_se, d_sn, d_sk};
   const std::vector<Task> gate_up_tasks = make_tasks(counts, I, task_rows(I, active, threads));
   const std::vector<Task> down_tasks = make_tasks(counts, H, task_rows(H, active, threads));
 
 #pragma omp parallel num_threads(threads)
   {
+    std::unique_ptr<float[]> pack(new float[kPackRows * kPackK]);  // this thread's weight tile
 #pragma omp for
     for (int64_t p = 0; p < P; ++p) {
-      float* row = xs.data() + pos[p] * H;
+      float* row = xs + pos[p] * H;
       const int64_t t = p / k;
       for (int64_t h = 0; h < H; ++h)
         row[h] = hidden_dtype == kBFloat16 ? load1(static_cast<const uint16_t*>(hidden) + t * H + h)
@@ -287,11 +361,11 @@ extern "C" int lynx_moe_experts(
     for (int64_t i = 0; i < int64_t(gate_up_tasks.size()); ++i) {
       const Task& task = gate_up_tasks[i];
       const int64_t rows = counts[task.expert], width = task.n1 - task.n0;
-      const float* x = xs.data() + start[task.expert] * H;
+      const float* x = xs + start[task.expert] * H;
       g.assign(rows * width, 0.f);
       u.assign(rows * width, 0.f);
-      matmul(weight_dtype, gate, task.expert, task.n0, task.n1, x, H, rows, H, g.data(), width);
-      matmul(weight_dtype, up, task.expert, task.n0, task.n1, x, H, rows, H, u.data(), width);
+      matmul(weight_dtype, gate, task.expert, task.n0, task.n1, x, H, rows, H, g.data(), width, pack.get());
+      matmul(weight_dtype, up, task.expert, task.n0, task.n1, x, H, rows, H, u.data(), width, pack.get());
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t n = 0; n < width; ++n) {
           float gv = g[m * width + n], uv = u[m * width + n];
@@ -311,8 +385,8 @@ extern "C" int lynx_moe_experts(
       const Task& task = down_tasks[i];
       const int64_t rows = counts[task.expert], width = task.n1 - task.n0;
       y.assign(rows * width, 0.f);
-      matmul(weight_dtype, down, task.expert, task.n0, task.n1, act.data() + start[task.expert] * I, I, rows, I,
-             y.data(), width);
+      matmul(weight_dtype, down, task.expert, task.n0, task.n1, act + start[task.expert] * I, I, rows, I,
+             y.data(), width, pack.get());
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t n = 0; n < width; ++n) {
           float v = y[m * width + n];

@@ -1,9 +1,17 @@
 """CPU fused MoE expert compute: `moe_experts_cpu.cpp`, built the way Inductor builds its kernels.
 
 The C++ source ships with the package and is compiled on first use by Inductor's own
-`CppCodeCache` (same compiler, OpenMP and vector-ISA flags as Inductor's generated C++, and its
-on-disk cache, so a process pays the ~5 s build once per machine). Calls go through ctypes with
-raw pointers; this module checks every shape, dtype and stride first, so the C++ side trusts them.
+`CppCodeCache` (same compiler, OpenMP and vector-ISA flags as Inductor's generated C++ for the CPU
+this process runs on, and its on-disk cache, so a process pays the ~5 s build once per machine).
+Calls go through ctypes with raw pointers; this module checks every shape, dtype and stride
+first, so the C++ side trusts them.
+
+Kernel paths (`LYNX_CPU_KERNEL`, read at each call; default "auto"):
+  auto      the widest vectors the build flags allow: 16 fp32 lanes on AVX-512, else 8 (AVX2)
+  lanes16   16-lane vectors (on a CPU without AVX-512 the compiler splits them: correct, slower)
+  lanes8    8-lane vectors with AVX2 intrinsics where available (the AVX2 path on any x86 CPU)
+  generic   8-lane vectors, no intrinsics (what any other ISA compiles)
+Tests run every path on whatever machine they find, so each is tested on any machine.
 
 Same semantics as `moe_experts_reference.fused_moe_reference`: gate/up projections, the activation
 and its output rounded to hidden's dtype, down projection and routing-weighted sum in fp32.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import pathlib
 from typing import Optional
 
@@ -35,11 +44,36 @@ _ARGTYPES = (
 )
 
 
+KERNEL_PATHS = {  # path -> defines prepended to the source (see moe_experts_cpu.cpp)
+    "auto": "",
+    "lanes16": "#define LYNX_LANES 16\n",
+    "lanes8": "#define LYNX_LANES 8\n",
+    "generic": "#define LYNX_LANES 8\n#define LYNX_GENERIC 1\n",
+}
+
+
+def kernel_path() -> str:
+    """The kernel path this process uses now (env LYNX_CPU_KERNEL, default "auto")."""
+    path = os.environ.get("LYNX_CPU_KERNEL", "auto")
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"LYNX_CPU_KERNEL={path!r}; expected one of {', '.join(KERNEL_PATHS)}")
+    return path
+
+
+def describe_path(path: str | None = None) -> str:
+    """What a path runs on this machine, e.g. "auto: AVX2, 8 fp32 lanes, FMA"."""
+    path = path or kernel_path()
+    isa = torch.backends.cpu.get_cpu_capability()
+    lanes = {"lanes16": 16, "lanes8": 8, "generic": 8}.get(path, 16 if isa.startswith("AVX512") else 8)
+    style = "no intrinsics" if path == "generic" else "FMA"
+    return f"{path}: {isa}, {lanes} fp32 lanes, {style}"
+
+
 @functools.cache
-def _library() -> ctypes.CDLL:
+def _library(path: str = "auto") -> ctypes.CDLL:
     from torch._inductor.codecache import CppCodeCache
 
-    library = CppCodeCache.load(SOURCE.read_text())
+    library = CppCodeCache.load(KERNEL_PATHS[path] + SOURCE.read_text())
     function = library.lynx_moe_experts
     function.argtypes = _ARGTYPES
     function.restype = ctypes.c_int
@@ -87,7 +121,7 @@ def moe_experts_cpu(
     ids = topk_ids.to(torch.int64).contiguous()
     biases = [_bias(b) for b in (b_gate, b_up, b_down)]  # keeps the fp32 copies alive for the call
     out = torch.empty_like(hidden)
-    status = _library().lynx_moe_experts(
+    status = _library(kernel_path()).lynx_moe_experts(
         hidden.data_ptr(), _DTYPES[hidden.dtype], pair_weights.data_ptr(), ids.data_ptr(),
         num_tokens, top_k, num_experts, hidden_size, inter_size,
         _DTYPES[hidden.dtype],
