@@ -3,21 +3,25 @@
     python bench/bench_experts.py            # B in 1, 8, 16, 32, 64; ~20 min on 2 cores (mostly compiling)
     python bench/bench_experts.py --quick    # B in 1, 16
 
-Three cases, bf16, random weights: the Mixtral-shaped MoE block (H=1024, I=2816, E=8, k=2), a
-fine-grained block (H=1024, I=512, E=64, k=8) and the examples' small model's whole decode step.
-Routers are skewed the way trained routers look inside one decode batch: each token's hidden
-state shares a component that raises three experts' logits, so top-1s concentrate and the
-second choices are diverse, weak leftovers (what Lynx's AffinityBinning remaps).
+Two MoE blocks, bf16, random weights: Mixtral-shaped (H=1024, I=2816, E=8, k=2) and fine-grained
+(H=1024, I=512, E=64, k=8). Routers are skewed the way trained routers look inside one decode
+batch: each token's hidden state shares a component that raises three experts' logits, so
+top-1s concentrate and the second choices are diverse, weak leftovers (what AffinityBinning remaps).
 
 Per batch size B, every variant runs in this process, one after another:
   inductor:grouped_mm / inductor:batched_mm   default Inductor, transformers' two implementations
   lynx:none+fused        policy none, dispatch replaced by lynx.moe_experts (same routing)
   lynx:binning+keep      AffinityBinning, transformers' grouped_mm dispatch kept
-  lynx:binning+fused     AffinityBinning + lynx.moe_experts (the default of backend="lynx")
-  (Mixtral block) eager experts loop under Inductor, with and without AffinityBinning
-and, for the blocks, the fused op alone on that batch's routing, against the read-bandwidth
-limit (bytes of the experts present / bandwidth measured in this run).
-Writes bench/results/bench_experts.json and .png.
+  lynx:binning+fused     AffinityBinning + lynx.moe_experts
+  (Mixtral block) eager experts loop under Inductor, with and without AffinityBinning, in a
+  sweep of their own after a Dynamo reset (see run_case)
+Each fused variant is checked to run lynx.moe_experts (`*_ran_fused_op`). Per row:
+  (a) the fused op alone on that batch's routing against the read-bandwidth limit (bytes of the
+      experts present / bandwidth measured in this run), beside transformers' grouped_mm experts
+      on the same routing (oneDNN GEMMs via ATen: the library the op replaces);
+  (b) selection's own effect: time(none+fused) / time(binning+fused) next to the experts ratio.
+The whole-model decode step (c) is bench/bench_decode_model.py.
+Writes bench/results/bench_experts.json and .png; the machine (ISA, kernel path) with them.
 """
 
 from __future__ import annotations
@@ -34,9 +38,7 @@ from lynx_compile import machine
 from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 from bench_moe import mixtral_block, save_results, time_call  # noqa: E402
-from small_model import small_mixtral  # noqa: E402
 
 SKEW_LOGITS = 2.0  # how far the shared component raises the favoured experts' logits
 FAVOURED = (0, 1, 2)
@@ -73,34 +75,66 @@ def compiled(module, options):
 
 
 def run_case(name, module, make_input, batches, repeats, variants, fused_op_inputs=None, bandwidth=None):
+    """Every variant at every B. Variants with transformers' `eager` experts loop run in a sweep of
+    their own after a Dynamo reset: the loop graph-breaks at the block's call into the experts,
+    Dynamo keeps that split for the block's frame (its guards do not read the experts
+    implementation), and a later variant with the same backend and options would reuse it and
+    never see routing and dispatch in one graph (the unfused 'binning + fused' rows of the
+    2026-11-29 run)."""
+    by_batch = {batch: {"case": name, "batch": batch} for batch in batches}
+    for sweep in split_sweeps(variants):
+        torch._dynamo.reset()
+        functions = {variant: compiled(module, VARIANTS[variant][1]) for variant in sweep}
+        with torch.no_grad():
+            for batch in batches:
+                inputs = make_input(batch)
+                row = by_batch[batch]
+                for variant in sweep:
+                    set_experts_impl(module, VARIANTS[variant][0])
+                    row[f"{variant}_ms"] = time_call(functions[variant], inputs, repeats=repeats)
+                    if "fused" in variant:
+                        row[f"{variant}_ran_fused_op"] = runs_fused_op(functions[variant], inputs)
+                set_experts_impl(module, "grouped_mm")
+                if "lynx:binning+fused" in sweep:
+                    with lynx_compile.record() as rec:
+                        functions["lynx:binning+fused"](inputs)
+                    summary = list(rec.summary().values())
+                    row["experts_before"] = statistics.mean(s["experts_before"] for s in summary)
+                    row["experts_after"] = statistics.mean(s["experts_after"] for s in summary)
     rows = []
-    functions = {variant: compiled(module, VARIANTS[variant][1]) for variant in variants}
-    with torch.no_grad():
-        for batch in batches:
-            inputs = make_input(batch)
-            row = {"case": name, "batch": batch}
-            for variant in variants:
-                set_experts_impl(module, VARIANTS[variant][0])
-                row[f"{variant}_ms"] = time_call(functions[variant], inputs, repeats=repeats)
-            set_experts_impl(module, "grouped_mm")
-            with lynx_compile.record() as rec:
-                functions["lynx:binning+fused"](inputs)
-            summary = list(rec.summary().values())
-            row["experts_before"] = statistics.mean(s["experts_before"] for s in summary)
-            row["experts_after"] = statistics.mean(s["experts_after"] for s in summary)
-            baseline = min(row["inductor:grouped_mm_ms"], row["inductor:batched_mm_ms"])
-            row["best_transformers_ms"] = baseline
-            for variant in variants:
-                row[f"{variant}_speedup"] = baseline / row[f"{variant}_ms"]
-            if fused_op_inputs is not None:
-                row.update(fused_op_alone(module, inputs, fused_op_inputs, bandwidth, repeats))
-            rows.append(row)
-            print(format_row(row, variants), flush=True)
+    for row in by_batch.values():
+        baseline = min(row["inductor:grouped_mm_ms"], row["inductor:batched_mm_ms"])
+        row["best_transformers_ms"] = baseline
+        for variant in variants:
+            row[f"{variant}_speedup"] = baseline / row[f"{variant}_ms"]
+        # (b) selection's own effect: time(none + fused) / time(binning + fused) vs the experts ratio
+        row["selection_time_ratio"] = row["lynx:none+fused_ms"] / row["lynx:binning+fused_ms"]
+        row["selection_experts_ratio"] = row["experts_before"] / max(row["experts_after"], 1e-9)
+        if fused_op_inputs is not None:
+            with torch.no_grad():
+                row.update(fused_op_alone(module, make_input(row["batch"]), fused_op_inputs, bandwidth, repeats))
+        rows.append(row)
+        print(format_row(row, variants), flush=True)
     return rows
 
 
+def split_sweeps(variants):
+    """The variants in two sweeps: the model's own dispatch in one graph, then the eager loop."""
+    loop = [v for v in variants if VARIANTS[v][0] == "eager"]
+    return [sweep for sweep in ([v for v in variants if v not in loop], loop) if sweep]
+
+
+def runs_fused_op(function, inputs) -> bool:
+    """Whether one call of `function` executes lynx.moe_experts (so a timing is never mislabelled)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        function(inputs)
+    return any(event.name == "lynx::moe_experts" for event in profile.events())
+
+
 def fused_op_alone(block, inputs, weights, bandwidth, repeats):
-    """lynx.moe_experts on this batch's plain top-k routing, against the bandwidth limit."""
+    """(a) lynx.moe_experts on this batch's plain top-k routing, against the read-bandwidth limit
+    (bytes of the experts present / bandwidth measured in this run), and the library it replaces:
+    transformers' grouped_mm experts on the same routing (one oneDNN GEMM per expert, via ATen)."""
     hidden = inputs.view(-1, inputs.shape[-1])
     _, routing_weights, ids = block.gate(hidden)
     present = ids.unique().numel()
@@ -108,18 +142,25 @@ def fused_op_alone(block, inputs, weights, bandwidth, repeats):
     bytes_read = present * (w_gate[0].numel() + w_up[0].numel() + w_down[0].numel()) * w_gate.element_size()
     ms = time_call(lambda: moe_experts_cpu(hidden, routing_weights, ids, w_gate, w_up, w_down,
                                            None, None, None, "silu"), repeats=repeats)
+    set_experts_impl(block, "grouped_mm")
+    library_ms = time_call(lambda: block.experts(hidden, ids, routing_weights), repeats=repeats)
     limit_ms = bytes_read / (bandwidth * 1e9) * 1e3
     return {"op_ms": ms, "op_experts": present, "bandwidth_limit_ms": limit_ms,
-            "op_bandwidth_fraction": limit_ms / ms}
+            "op_bandwidth_fraction": limit_ms / ms, "library_grouped_mm_ms": library_ms,
+            "library_bandwidth_fraction": limit_ms / library_ms}
 
 
 def format_row(row, variants):
     cells = [f"{row['case']:<13}", f"{row['batch']:>3}"]
     cells += [f"{row[f'{v}_ms']:>8.2f} ({row[f'{v}_speedup']:.2f}x)" for v in variants]
     cells.append(f"{row['experts_before']:>5.1f} -> {row['experts_after']:<5.1f}")
+    cells.append(f"selection {row['selection_time_ratio']:.2f}x time for {row['selection_experts_ratio']:.2f}x experts")
     if "op_ms" in row:
-        cells.append(f"op {row['op_ms']:.2f} ms, limit {row['bandwidth_limit_ms']:.2f} ms "
-                     f"({row['op_bandwidth_fraction']:.0%} of bandwidth)")
+        cells.append(f"op {row['op_ms']:.2f} ms ({row['op_bandwidth_fraction']:.0%} of bandwidth), "
+                     f"grouped_mm {row['library_grouped_mm_ms']:.2f} ms, limit {row['bandwidth_limit_ms']:.2f} ms")
+    unfused = [v for v in variants if row.get(f"{v}_ran_fused_op") is False]
+    if unfused:
+        cells.append(f"WARNING: {', '.join(unfused)} did not run lynx.moe_experts")
     return " ".join(cells)
 
 
@@ -158,7 +199,6 @@ def main():
     print(f"machine: {info}")
     block_variants = list(VARIANTS)
     fine_variants = [v for v in VARIANTS if "eager-loop" not in v]  # a 64-expert Python loop: slow to compile
-    model_variants = [v for v in VARIANTS if "eager-loop" not in v]
     rows = []
     for name, shape, variants in (("mixtral-block", (1024, 2816, 8, 2), block_variants),
                                   ("fine-block", (1024, 512, 64, 8), fine_variants)):
@@ -174,10 +214,6 @@ def main():
         rows += run_case(name, block, make_input, batches, repeats, variants, weights, bandwidth)
         torch._dynamo.reset()
 
-    model = small_mixtral()
-    print("\nsmall-model decode step; variants:", ", ".join(model_variants))
-    rows += run_case("small-model", model, lambda b: torch.randint(3, model.config.vocab_size, (b, 1)),
-                     batches, repeats, model_variants)
     save_results("bench_experts", info, rows, plot)
 
 

@@ -1,0 +1,193 @@
+"""Whole-model decode step whose bytes are mostly experts: does step time follow experts read?
+
+    python bench/bench_decode_model.py            # B in 1 4 8 16 32 64, both models (~25 min on 2 cores)
+    python bench/bench_decode_model.py --quick    # B in 1 16, both models
+
+Two random-weight bf16 models, 4 layers, hidden 1024, built from transformers' config classes:
+  qwen3-moe-shaped   E=64, k=8, expert intermediate 512 (fine-grained)
+  mixtral-shaped     E=8,  k=2, expert intermediate 2816 (coarse)
+Each decode step feeds B sequences one token against a KV cache of 256 tokens (random keys and
+values, as a long prompt would leave them; the cache is cropped back to 256 after every step).
+Routers have trained-like spread (bench_moe.spread_routers) plus a hidden-state component shared
+by the batch, so top-1s cluster the way Lynx observes inside one batch.
+
+Variants, all in this process, one after another per B:
+  inductor            default torch.compile, the faster of transformers' grouped_mm / batched_mm
+  lynx:none+fused     policy none + lynx.moe_experts (same routing, lynx's expert kernel)
+  lynx:binning+fused  AffinityBinning + lynx.moe_experts (experts="fused", whatever auto would pick)
+Distinct experts per step come from lynx_compile.record (summed over the layers). A least-squares
+fit of step time against experts read per step, over the lynx rows of each model, gives the cost
+per expert and the intercept (everything that does not shrink with experts).
+Writes bench/results/bench_decode_model.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+
+import torch
+import transformers
+
+import lynx_compile
+from lynx_compile import machine
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_moe import save_results, spread_routers, time_call  # noqa: E402
+
+CACHE_TOKENS = 256
+LAYERS, HIDDEN = 4, 1024
+SHARED_COMPONENT = 2.0  # logits the batch-shared hidden component adds to three experts
+
+
+def build(shape: str, experts_impl: str):
+    common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=16, num_key_value_heads=4,
+                  vocab_size=4096, max_position_embeddings=CACHE_TOKENS + 64)
+    if shape == "qwen3-moe-shaped":
+        config = transformers.Qwen3MoeConfig(moe_intermediate_size=512, num_experts=64, num_experts_per_tok=8,
+                                             intermediate_size=2048, head_dim=64, norm_topk_prob=True,
+                                             decoder_sparse_step=1, mlp_only_layers=[], **common)
+    else:
+        config = transformers.MixtralConfig(intermediate_size=2816, num_local_experts=8, num_experts_per_tok=2,
+                                            **common)
+    config._experts_implementation = experts_impl
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for name, param in model.named_parameters():
+        if param.dim() == 3:  # stacked expert weights
+            torch.nn.init.normal_(param, std=0.02)
+    spread_routers(model, HIDDEN)
+    return model.to(torch.bfloat16).eval()
+
+
+def shared_embedding_component(model) -> None:
+    """Add to every token embedding a direction that raises three experts' logits in layer 0, so a
+    batch's top-1s cluster (random embeddings alone make routing uniform)."""
+    router = model.model.layers[0].mlp.gate.weight.float()  # (E, H)
+    direction = torch.linalg.lstsq(router[:3], torch.full((3,), SHARED_COMPONENT)).solution  # (H,)
+    with torch.no_grad():
+        model.model.embed_tokens.weight += direction.to(torch.bfloat16)
+
+
+def step_inputs(model, batch: int) -> dict:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = transformers.DynamicCache(config=config)
+    generator = torch.Generator().manual_seed(batch)
+    for layer in range(config.num_hidden_layers):
+        kv = [torch.randn(batch, config.num_key_value_heads, CACHE_TOKENS, head_dim, generator=generator)
+              .to(torch.bfloat16) for _ in range(2)]
+        cache.update(*kv, layer)
+    ids = torch.randint(0, config.vocab_size, (batch, 1), generator=generator)
+    position = torch.full((batch, 1), CACHE_TOKENS)
+    return {"input_ids": ids, "past_key_values": cache, "position_ids": position, "use_cache": True}
+
+
+def decode_step(function, inputs):
+    out = function(**inputs)
+    inputs["past_key_values"].crop(-1)  # drop the token just cached: the next call sees the same 256
+    return out
+
+
+VARIANTS = {"inductor": None, "lynx:none+fused": {"policy": "none", "experts": "fused"},
+            "lynx:binning+fused": {"experts": "fused"}}
+
+
+def run_model(shape: str, batches, repeats) -> list[dict]:
+    rows = {batch: {"case": shape, "batch": batch} for batch in batches}
+    for variant, options in VARIANTS.items():
+        impls = ("grouped_mm", "batched_mm") if options is None else ("grouped_mm",)
+        for impl in impls:
+            torch._dynamo.reset()
+            model = build(shape, impl)
+            shared_embedding_component(model)
+            function = torch.compile(model) if options is None else \
+                torch.compile(model, backend="lynx", options=options)
+            with torch.no_grad():
+                for batch in batches:
+                    inputs = step_inputs(model, batch)
+                    ms = time_call(lambda: decode_step(function, inputs), repeats=repeats)
+                    key = f"{variant}:{impl}_ms" if options is None else f"{variant}_ms"
+                    rows[batch][key] = ms
+                    if options is not None:
+                        with lynx_compile.record(model) as rec:
+                            decode_step(function, inputs)
+                        summary = rec.summary(decode_only=True).values()
+                        rows[batch][f"{variant}_experts"] = sum(s["experts_after"] for s in summary)
+                        rows[batch]["plain_experts"] = sum(s["experts_before"] for s in summary)
+                    print(f"{shape} B={batch} {key} {ms:.2f} ms", flush=True)
+            del model, function
+    for row in rows.values():
+        row["inductor_ms"] = min(row["inductor:grouped_mm_ms"], row["inductor:batched_mm_ms"])
+        for variant in ("lynx:none+fused", "lynx:binning+fused"):
+            row[f"{variant}_speedup"] = row["inductor_ms"] / row[f"{variant}_ms"]
+    return list(rows.values())
+
+
+def fit(rows) -> dict:
+    """Least squares: step ms = ms_per_expert * experts read per step + intercept (lynx rows)."""
+    points = [(row[f"{v}_experts"], row[f"{v}_ms"]) for row in rows for v in ("lynx:none+fused", "lynx:binning+fused")]
+    x = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    design = torch.stack([x, torch.ones_like(x)], dim=1)
+    (slope, intercept) = torch.linalg.lstsq(design, y).solution.tolist()
+    residual = y - design @ torch.tensor([slope, intercept], dtype=torch.float64)
+    r2 = 1 - float((residual ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-12))
+    return {"ms_per_expert": slope, "intercept_ms": intercept, "r2": r2, "points": len(points)}
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(2, len(cases), figsize=(6 * len(cases), 8), squeeze=False)
+    for column, case in enumerate(cases):
+        case_rows = [r for r in rows if r["case"] == case]
+        batches = [r["batch"] for r in case_rows]
+        axis = axes[0][column]
+        for key, label in (("inductor_ms", "default Inductor (best experts impl)"),
+                           ("lynx:none+fused_ms", "lynx none + fused"), ("lynx:binning+fused_ms", "lynx binning + fused")):
+            axis.plot(batches, [r[key] for r in case_rows], marker="o", label=label)
+        axis.set(title=f"{case}: decode step", xlabel="decode batch size B", ylabel="ms per step", xscale="log")
+        axis.legend(fontsize=7)
+        axis = axes[1][column]
+        for variant in ("lynx:none+fused", "lynx:binning+fused"):
+            axis.scatter([r[f"{variant}_experts"] for r in case_rows], [r[f"{variant}_ms"] for r in case_rows],
+                         label=variant)
+        line = fit(case_rows)
+        xs = torch.linspace(0, max(r["plain_experts"] for r in case_rows), 20)
+        axis.plot(xs, line["ms_per_expert"] * xs + line["intercept_ms"], "k--",
+                  label=f"fit: {line['ms_per_expert']:.2f} ms/expert + {line['intercept_ms']:.1f} ms (R² {line['r2']:.2f})")
+        axis.set(title=f"{case}: step time vs experts read", xlabel="distinct experts per step (all layers)",
+                 ylabel="ms per step")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    torch._dynamo.config.recompile_limit = 64
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["qwen3-moe-shaped", "mixtral-shaped"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    args = parser.parse_args()
+    batches = args.batch_sizes or ((1, 16) if args.quick else (1, 4, 8, 16, 32, 64))
+    info = machine.describe()
+    print(f"machine: {info}")
+    rows = []
+    for shape in args.models:
+        rows += run_model(shape, batches, repeats=5)
+    fits = {case: fit([r for r in rows if r["case"] == case]) for case in args.models}
+    for case, line in fits.items():
+        print(f"{case}: {line['ms_per_expert']:.3f} ms per expert read + {line['intercept_ms']:.2f} ms, R² {line['r2']:.3f}")
+    save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
+
+
+if __name__ == "__main__":
+    main()

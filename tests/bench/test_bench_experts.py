@@ -1,0 +1,35 @@
+"""bench/bench_experts.py measures what its labels say: the fused variants really run the fused op.
+
+Regression test for the 2026-11-29 run, whose 'binning + fused' Mixtral rows ran at the unfused
+speed: the eager-loop variant (same backend, same options) compiled first, Dynamo split the MoE
+block's frame at its call into the experts, and the fused variant reused that split.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+import torch
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
+
+
+def load_bench():
+    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(BENCH.parent / "examples"))
+    spec = importlib.util.spec_from_file_location("bench_experts", BENCH / "bench_experts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fused_variants_run_the_fused_op_even_after_the_eager_loop_variant():
+    bench = load_bench()
+    torch.manual_seed(0)
+    block = bench.mixtral_block(64, 96, 8, 2)
+    variants = ["inductor:grouped_mm", "inductor:batched_mm", "lynx:none+fused",
+                "lynx:binning+eager-loop", "lynx:binning+fused"]  # the order that used to break it
+    [row] = bench.run_case("tiny-block", block, lambda b: torch.randn(b, 1, 64, dtype=torch.bfloat16), (4,),
+                           repeats=1, variants=variants)
+    assert row["lynx:none+fused_ran_fused_op"] and row["lynx:binning+fused_ran_fused_op"]
+    assert row["experts_after"] <= row["experts_before"]
