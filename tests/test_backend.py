@@ -109,3 +109,34 @@ def test_decode_step_runs_with_no_extra_graph_breaks(arch, experts_impl):
             assert torch.isfinite(logits).all()
     assert stats["lynx"][1] == stats["eager"][1]
     assert stats["lynx"][0] <= stats["eager"][0]
+
+
+def test_transformers_compile_config_path_with_a_static_cache():
+    """generate()'s own compile path: generation_config.compile_config naming backend="lynx".
+    torch.compile takes mode or options, not both, so mode=None; transformers compiles only on
+    GPUs unless told otherwise (_compile_all_devices)."""
+    import lynx_compile
+    from transformers import CompileConfig
+
+    model = tiny_model("mixtral", num_layers=1, router_std=0.1)
+    prompt = torch.randint(3, 90, (8, 4), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                  cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(prompt, **kwargs, disable_compile=True)
+        for options in ({"policy": "none"}, {"pad_token_id": 0}):
+            torch._dynamo.reset()
+            compile_config = CompileConfig(backend="lynx", mode=None, options=options)
+            compile_config._compile_all_devices = True
+            model.generation_config.compile_config = compile_config
+            with lynx_compile.record(model) as rec:
+                out = model.generate(prompt, **kwargs)
+            [calls] = rec.calls.values()  # recorded: the compiled forward ran lynx's pass
+            decode = [c for c in calls if c.decode]
+            assert decode
+            if options.get("policy") == "none":
+                assert torch.equal(out, expected)
+                assert all(c.experts_after == c.experts_before for c in decode)
+            else:
+                assert any(c.experts_after < c.experts_before for c in decode)
+    model.generation_config.compile_config = None
