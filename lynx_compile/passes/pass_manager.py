@@ -54,17 +54,18 @@ class GraphReport:
 
 class LynxPostGradPass(CustomGraphPass):
     def __init__(self, config: LynxConfig, record: bool = False,
-                 on_report: Callable[[GraphReport], None] | None = None) -> None:
+                 on_report: Callable[[GraphReport], None] | None = None, switchable: bool = False) -> None:
         self.config = config
         self.record = record
         self.on_report = on_report
+        self.switchable = switchable  # calibration: sites' settings chosen at run time
 
     def __call__(self, graph: Graph) -> None:
         before = str(graph) if self.on_report else ""
         left_alone = canonicalize_max_routing(graph, self.config)
         sites = left_alone + find_routing_sites(graph, self.config)
         fuse_expert_dispatches(graph, sites, self.config)
-        rewrite_routing_sites(graph, sites, self.config)
+        rewrite_routing_sites(graph, sites, self.config, switchable=self.switchable)
         if self.record:
             observe_plain_sites(graph, sites)
         after_rewrite = str(graph) if self.on_report else ""
@@ -76,12 +77,12 @@ class LynxPostGradPass(CustomGraphPass):
 
     def uuid(self) -> str:
         return hashlib.sha256(
-            f"{_source_hash()}|{self.config!r}|record={self.record}".encode()).hexdigest()
+            f"{_source_hash()}|{self.config!r}|record={self.record}|switchable={self.switchable}".encode()).hexdigest()
 
 
 # The code that decides what the compiled graph contains. Other modules (eval, training, explain)
 # can change without invalidating every cached lynx compile.
-_COMPILE_SOURCES = ("passes", "lowering", "backend.py", "compat.py", "config.py", "record.py")
+_COMPILE_SOURCES = ("passes", "lowering", "policies", "backend.py", "compat.py", "config.py", "plan.py", "record.py")
 
 
 @functools.cache
