@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"plan_{path.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     batches = default_batches(tokenizer, args.batches, args.batch_size, args.prefix, args.steps)
