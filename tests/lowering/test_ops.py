@@ -46,3 +46,9 @@ def test_moe_experts(dtype, biased):
     args = (torch.randn(tokens, hidden, dtype=dtype), weights, ids, w_gate_up[:, :inter], w_gate_up[:, inter:],
             w_down, *biases, "gpt_oss" if biased else "silu", 1.702, 7.0)
     torch.library.opcheck(ops.moe_experts, args)
+
+
+def test_switch_select():
+    logits = torch.randn(6, 8)
+    torch.library.opcheck(ops.switch_select, (torch.softmax(logits, -1), logits, 2, -1, None, torch.randn(8, 16),
+                                              "gate"))
