@@ -153,11 +153,11 @@ def _setting(policy: str, params: dict[str, Any], num_experts: int, top_k: int, 
 
 
 def _calibration_config(config: LynxConfig | None) -> LynxConfig:
-    """The user's options with a selecting policy and no plan (every site switchable; max-rounds
-    routers canonicalized), and the expert dispatch fused as a deployed selecting plan fuses it."""
+    """The user's options with a selecting policy and no plan: every site switchable, max-rounds
+    routers canonicalized, and the expert dispatch treated as at a deployed selecting site
+    (experts="auto" decides as it does for a site whose policy selects)."""
     config = config or LynxConfig()
-    experts = "fused" if config.experts == "auto" else config.experts
-    return LynxConfig(phase=config.phase, max_decode_tokens=config.max_decode_tokens, experts=experts,
+    return LynxConfig(phase=config.phase, max_decode_tokens=config.max_decode_tokens, experts=config.experts,
                       max_experts=config.max_experts, pad_token_id=config.pad_token_id)
 
 
