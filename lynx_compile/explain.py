@@ -4,7 +4,8 @@ Compiles `model` with the lynx backend (graph caches off, so every pass really r
 the example inputs under `torch.no_grad()`, and returns an `ExplainReport`:
 
     report = lynx_compile.explain(model, input_ids)
-    print(report)                  # one row per top-k found: routing or not, rewritten or why not
+    print(report)                  # one row per top-k found: routing or not, the policy it runs
+                                   # (and whether from the config or a plan), rewritten or why not
     report.sites[0].router_form    # "softmax(linear)"
     print(report.graphs[0].before) # post-grad FX graph as Inductor handed it to lynx
     print(report.graphs[0].after)  # the same graph after the routing rewrite (lynx.batch_select)
