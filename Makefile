@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench eval clean
+.PHONY: setup test demo bench eval calibrate clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ bench: $(STAMP)
 
 eval: $(STAMP)
 	$(VENV)/bin/lynx-compile eval
+
+# Per-layer plans for both shipped checkpoints under a KL budget (README: Per-layer calibration).
+calibrate: $(STAMP)
+	$(VENV)/bin/lynx-compile calibrate --checkpoint coarse --budget kl=0.01 --out bench/results/plans/plan_coarse_kl0.01.json
+	$(VENV)/bin/lynx-compile calibrate --checkpoint fine --budget kl=0.01 --out bench/results/plans/plan_fine_kl0.01.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

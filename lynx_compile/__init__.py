@@ -7,6 +7,7 @@ Dynamo captures and rewrites decode-batch routing into batch-aware expert select
 (Lynx AffinityBinning), lowered through Inductor into generated kernels.
 """
 
+from .calibration import calibrate
 from .config import LynxConfig, LynxOptionsError, default_alpha_beta
 from .explain import ExplainReport, explain
 from .record import Recorder, record
@@ -16,6 +17,7 @@ __all__ = [
     "LynxConfig",
     "LynxOptionsError",
     "Recorder",
+    "calibrate",
     "default_alpha_beta",
     "explain",
     "record",

@@ -37,10 +37,15 @@ def lynx_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
 def compile_with_lynx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: LynxConfig,
                       *, mode: str | None = None, record: bool = False,
-                      on_report: Callable[[GraphReport], None] | None = None) -> Callable[..., Any]:
+                      on_report: Callable[[GraphReport], None] | None = None,
+                      switchable: bool = False) -> Callable[..., Any]:
+    """Inductor with lynx's pass. record: the recording variant; switchable: calibration's graph
+    whose sites' settings are chosen at run time (`calibration/switch.py`; it reports to record()
+    itself, so it needs no recording variant)."""
     patches = _mode_patches(mode)
-    patches.update(inductor_patches(LynxPostGradPass(config, record=record, on_report=on_report)))
-    if record or not any(_is_topk(node) for node in gm.graph.nodes):
+    patches.update(inductor_patches(LynxPostGradPass(config, record=record, on_report=on_report,
+                                                     switchable=switchable)))
+    if record or switchable or not any(_is_topk(node) for node in gm.graph.nodes):
         return compile_fx(gm, example_inputs, config_patches=patches)
     pristine = _copy_graph_module(gm)  # compile_fx takes ownership of gm and may rewrite it
     compiled = compile_fx(gm, example_inputs, config_patches=patches)

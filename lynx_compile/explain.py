@@ -4,7 +4,8 @@ Compiles `model` with the lynx backend (graph caches off, so every pass really r
 the example inputs under `torch.no_grad()`, and returns an `ExplainReport`:
 
     report = lynx_compile.explain(model, input_ids)
-    print(report)                  # one row per top-k found: routing or not, rewritten or why not
+    print(report)                  # one row per top-k found: routing or not, the policy it runs
+                                   # (and whether from the config or a plan), rewritten or why not
     report.sites[0].router_form    # "softmax(linear)"
     print(report.graphs[0].before) # post-grad FX graph as Inductor handed it to lynx
     print(report.graphs[0].after)  # the same graph after the routing rewrite (lynx.batch_select)
@@ -37,6 +38,7 @@ class SiteSummary:
     rewritten: bool
     reason: str
     experts: str | None = None  # the expert dispatch after the site: "fused: ..." or "kept: why"
+    policy: str | None = None  # the setting it runs, e.g. "opportunistic(keep_top=1) [plan plan.json]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +63,11 @@ class ExplainReport:
         return [s for s in self.sites if s.rewritten]
 
     def table(self) -> str:
-        header = ("graph", "site", "router", "E", "k", "dispatch", "rewritten", "reason", "experts")
+        header = ("graph", "site", "router", "E", "k", "dispatch", "policy", "rewritten", "reason", "experts")
         rows = [header]
         for s in self.sites:
             rows.append((str(s.graph), s.module_path or s.node, s.router_form or "-",
-                         str(s.num_experts or "-"), str(s.top_k or "-"), s.dispatch or "-",
+                         str(s.num_experts or "-"), str(s.top_k or "-"), s.dispatch or "-", s.policy or "-",
                          "yes" if s.rewritten else "no", s.reason, s.experts or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -73,10 +75,17 @@ class ExplainReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        head = (f"lynx explain (policy={self.config.policy}): {len(self.graphs)} graph(s), "
+        plan = f", plan={self.config.plan.source}" if self.config.plan is not None else ""
+        head = (f"lynx explain (policy={self.config.policy}{plan}): {len(self.graphs)} graph(s), "
                 f"{len(self.sites)} top-k, {len(self.routing_sites)} routing site(s), "
                 f"{len(self.rewritten_sites)} rewritten")
-        return head + "\n" + self.table()
+        text = head + "\n" + self.table()
+        if self.config.plan is not None:
+            found = {s.module_path for s in self.routing_sites}
+            unmatched = [name for name in self.config.plan.site_names() if name not in found]
+            if unmatched:
+                text += f"\nplan entries matching no routing site: {', '.join(unmatched)}"
+        return text
 
 
 def explain(model: torch.nn.Module, *example_args: Any, config: LynxConfig | None = None,
@@ -106,5 +115,6 @@ def explain(model: torch.nn.Module, *example_args: Any, config: LynxConfig | Non
                 is_routing=site.is_routing, router_form=site.router_form,
                 num_experts=site.num_experts, top_k=site.top_k, dispatch=site.dispatch,
                 phase=site.phase.mode if site.phase else None, rewritten=site.rewritten,
-                reason=site.reason, experts=site.experts))
+                reason=site.reason, experts=site.experts,
+                policy=site.setting.describe() if site.setting is not None else None))
     return ExplainReport(config, graphs, sites)

@@ -38,6 +38,9 @@ class SelectionCall:
     experts_after: int  # distinct experts after selection (== before when not rewritten)
     num_experts: int
     decode: bool  # a decode batch by the site's phase rule (only these are ever remapped)
+    expert_budget: int | None = None  # the site's gate-mass budget (policy gate_mass_budget), else None
+    over_budget: int = 0  # experts the voting rows use beyond expert_budget (0: within it, or no budget)
+    top_k: int | None = None  # experts per token at the site
 
 
 class Recorder:
@@ -67,14 +70,22 @@ class Recorder:
                 "experts_before": sum(c.experts_before for c in calls) / len(calls),
                 "experts_after": sum(c.experts_after for c in calls) / len(calls),
                 "num_experts": calls[0].num_experts,
+                "top_k": calls[0].top_k,
             }
+            if calls[0].expert_budget is not None:
+                out[site]["expert_budget"] = calls[0].expert_budget
+                out[site]["over_budget_calls"] = sum(c.over_budget > 0 for c in calls)
         return out
 
     def table(self, decode_only: bool = True) -> str:
-        rows = [("site", "decode calls" if decode_only else "calls", "E", "experts before", "experts after")]
-        for site, s in self.summary(decode_only).items():
+        summary = self.summary(decode_only)
+        budgets = any("expert_budget" in s for s in summary.values())
+        rows = [("site", "decode calls" if decode_only else "calls", "E", "experts before", "experts after")
+                + (("budget", "calls over budget") if budgets else ())]
+        for site, s in summary.items():
             rows.append((site, str(s["calls"]), str(s["num_experts"]),
-                         f"{s['experts_before']:.2f}", f"{s['experts_after']:.2f}"))
+                         f"{s['experts_before']:.2f}", f"{s['experts_after']:.2f}")
+                        + ((str(s.get("expert_budget", "-")), str(s.get("over_budget_calls", "-"))) if budgets else ()))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -105,11 +116,18 @@ def record(model: torch.nn.Module | None = None) -> Iterator[Recorder]:
 
 
 def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: torch.Tensor,
-                     router_weight: torch.Tensor, num_experts: int, decode: bool) -> None:
-    """Called by lynx::observe_selection inside recording variants of compiled graphs."""
+                     router_weight: torch.Tensor, num_experts: int, decode: bool,
+                     voters: torch.Tensor | None = None, expert_budget: int | None = None) -> None:
+    """Called by lynx::observe_selection inside recording variants of compiled graphs.
+
+    voters: (T,) bool rows that voted (None: all); expert_budget: the site's gate-mass budget."""
     recorder = active_recorder()
     if recorder is None:
         return
+    over_budget = 0
+    if expert_budget is not None and decode:
+        voting = chosen_indices if voters is None else chosen_indices[voters.to(torch.bool)]
+        over_budget = max(0, int(torch.unique(voting).numel()) - expert_budget)
     recorder.add(SelectionCall(
         site=recorder.site_name(site, router_weight),
         num_tokens=int(plain_indices.shape[0]),
@@ -117,4 +135,7 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
         experts_after=int(torch.unique(chosen_indices).numel()),
         num_experts=int(num_experts),
         decode=bool(decode),
+        expert_budget=expert_budget,
+        over_budget=over_budget,
+        top_k=int(plain_indices.shape[1]),
     ))

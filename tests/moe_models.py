@@ -259,6 +259,14 @@ class RoutingProbe(torch.nn.Module):
         return self.experts(flat, indices, weights).view(batch, seq, dim), indices, weights
 
 
+def skewed_logits(num_tokens=16, num_experts=8, favoured=(0, 1, 2), seed=0, strength=3.0):
+    """Router logits where every token strongly prefers some of `favoured`, weakly the rest."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator) * 0.3
+    logits[:, list(favoured)] += strength
+    return logits
+
+
 def skewed_router_logits(num_tokens=16, num_experts=8, favoured=(0, 1, 2), seed=0):
     """Logits shaped like a trained router's inside one decode batch (Lynx observation 4).
 

@@ -30,7 +30,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("policy", "greedy", "one of 'affinity_binning', 'none'"),
+    ("policy", "greedy", "one of 'affinity_binning', 'gate_mass_budget', 'opportunistic', 'none'"),
     ("alpha", -1.0, "a number > 0"),
     ("alpha", "wide", "a finite number or None"),
     ("beta", 0, "an integer >= 1 or None"),
@@ -40,6 +40,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones():
     ("pad_token_id", -1, "an integer >= 0 or None"),
     ("pad_token_id", "<pad>", "an integer >= 0 or None"),
     ("config", {"policy": "none"}, "must be a lynx_compile.LynxConfig"),
+    ("plan", 3, "expected a path to a plan JSON file, a plan dict, or None"),
 ])
 def test_bad_values_name_the_key_and_what_is_expected(key, value, expected):
     with pytest.raises(LynxOptionsError, match=key) as error:
@@ -60,3 +61,46 @@ def test_default_alpha_beta_follow_sparsity():
     config = LynxConfig(beta=4)
     assert config.resolved_alpha_beta(64, 8) == (3.0, 4)
     assert config.resolved_confidence_gap(3.0) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"policy": "gate_mass_budget", "expert_budget": 0}, "an integer >= 1 (experts) or a fraction of E in (0, 1]"),
+    ({"policy": "gate_mass_budget", "expert_budget": 1.5}, "an integer >= 1 (experts) or a fraction of E in (0, 1]"),
+    ({"policy": "gate_mass_budget", "expert_budget": "half"}, "an integer >= 1 (experts) or a fraction of E"),
+    ({"policy": "opportunistic", "keep_top": 0}, "an integer >= 1 or None"),
+    ({"policy": "opportunistic", "keep_top": 1.0}, "an integer >= 1 or None"),
+])
+def test_policy_parameters_are_validated_like_every_option(options, expected):
+    [key] = set(options) - {"policy"}
+    with pytest.raises(LynxOptionsError, match=key) as error:
+        LynxConfig.from_options(options)
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("options, parameter, owner", [
+    ({"expert_budget": 4}, "expert_budget", "gate_mass_budget"),  # default policy: affinity_binning
+    ({"policy": "opportunistic", "alpha": 1.0}, "alpha", "affinity_binning"),
+    ({"policy": "none", "keep_top": 1}, "keep_top", "opportunistic"),
+    ({"policy": "gate_mass_budget", "beta": 2}, "beta", "affinity_binning"),
+])
+def test_a_parameter_of_another_policy_is_an_error_naming_both(options, parameter, owner):
+    policy = options.get("policy", "affinity_binning")
+    with pytest.raises(LynxOptionsError) as error:
+        LynxConfig.from_options(options)
+    message = str(error.value)
+    assert f"option {parameter!r} is a parameter of policy {owner!r}" in message
+    assert f"not of policy {policy!r}" in message
+
+
+def test_site_settings_resolve_defaults_from_the_sites_experts():
+    assert LynxConfig().site_setting("gate", 8, 2).params_dict() == {"alpha": 0.7, "beta": 1,
+                                                                      "confidence_gap": pytest.approx(1 / 0.7)}
+    budget = LynxConfig(policy="gate_mass_budget", expert_budget=0.3)
+    assert budget.site_setting("gate", 10, 2).params_dict()["expert_budget"] == 3  # 0.3 * 10, not 4
+    assert budget.site_setting("gate", 32, 4).params_dict()["expert_budget"] == 10  # ceil(9.6)
+    assert LynxConfig(policy="gate_mass_budget", expert_budget=5).site_setting("g", 8, 2).params_dict() == {
+        "expert_budget": 5, "confidence_gap": pytest.approx(1 / 0.7)}
+    assert LynxConfig(policy="opportunistic").site_setting("g", 32, 4).params_dict() == {"keep_top": 2}
+    assert LynxConfig(policy="none").site_setting("g", 8, 2).params == ()
+    with pytest.raises(LynxOptionsError, match=r"'keep_top' got 3 at routing site 'layer.gate'.*\[1, k=2\]"):
+        LynxConfig(policy="opportunistic", keep_top=3).site_setting("layer.gate", 8, 2)

@@ -3,8 +3,12 @@
     lynx-compile eval                                   # both shipped checkpoints, all tasks
     lynx-compile eval --checkpoint coarse --task arith --batch-sizes 1 16 --problems 100
     lynx-compile eval --checkpoint path/to/hf/moe/checkpoint
+    lynx-compile eval --task code-token --batch-sizes 16 32 --policies none affinity_binning \
+        gate_mass_budget:expert_budget=4 opportunistic:keep_top=1 plan:plan_coarse.json
 
-Writes ``<out>/eval_<checkpoint>.json`` and ``.png`` and prints one table per checkpoint.
+Writes ``<out>/eval_<checkpoint>.json`` and ``.png`` and prints one table per checkpoint; with
+``code-token`` also the comparison of every variant's experts per step against its fidelity to
+Inductor (``eval_<checkpoint>_pareto.png`` and a markdown table).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ def parser() -> argparse.ArgumentParser:
                    help="shipped checkpoint names (coarse, fine) or local HF MoE checkpoint directories")
     p.add_argument("--task", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 32, 64])
-    p.add_argument("--policies", nargs="+", default=["none", "affinity_binning"], choices=["none", "affinity_binning"])
+    p.add_argument("--policies", nargs="+", default=["none", "affinity_binning"], metavar="SPEC",
+                   help="lynx variants: POLICY (none, affinity_binning, gate_mass_budget, opportunistic), "
+                        "POLICY:key=value[,key=value] (e.g. gate_mass_budget:expert_budget=4, "
+                        "opportunistic:keep_top=1) or plan:PATH (a calibrated plan)")
     p.add_argument("--problems", type=int, default=500, help="problems per task (code-token: predicted tokens)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype (float32 default: this CPU has no bf16 matrix units)")
@@ -52,6 +59,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             harness.resolve_checkpoint(checkpoint)
         except FileNotFoundError as error:
             cli.error(str(error))
+    for spec in args.policies:
+        try:
+            harness.parse_variant(spec)
+        except ValueError as error:
+            cli.error(f"--policies {spec}: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine.describe()
@@ -68,7 +80,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n{result['checkpoint']} ({result['model_type']}, {result['num_experts']} experts, "
               f"top-{result['top_k']}, {result['dtype']}):")
         print(report.table(result))
-        print(f"wrote {stem}.json and {stem}.png", flush=True)
+        written = f"{stem}.json and {stem}.png"
+        if report.has_fidelity(result):
+            pareto = stem.with_name(stem.name + "_pareto.png")
+            report.pareto_plot(result, pareto)
+            print("\n" + report.comparison_markdown(result))
+            written += f" and {pareto}"
+        print(f"wrote {written}", flush=True)
         results.append(result)
     return results
 

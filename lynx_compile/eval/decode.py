@@ -72,15 +72,19 @@ def generate_lines(model, tokenizer, problems: list[GenerationProblem], batch: i
 
 
 class ForceTokens(LogitsProcessor):
-    """Teacher forcing inside ``generate()``: notes each row's argmax, then forces the true next token."""
+    """Teacher forcing inside ``generate()``: notes each row's argmax (and, on request, its
+    next-token log-probabilities), then forces the true next token."""
 
-    def __init__(self, targets: torch.Tensor) -> None:
+    def __init__(self, targets: torch.Tensor, keep_log_probs: bool = False) -> None:
         self.targets = targets  # (B, steps + 1): the tokens generate() must emit, in order
         self.predictions: list[torch.Tensor] = []
+        self.log_probs: list[torch.Tensor] | None = [] if keep_log_probs else None  # (B, V) per step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = len(self.predictions)
         self.predictions.append(scores.argmax(-1))
+        if self.log_probs is not None:
+            self.log_probs.append(torch.log_softmax(scores.float(), dim=-1))
         forced = torch.full_like(scores, float("-inf"))
         forced.scatter_(1, self.targets[:, step:step + 1], 0.0)
         return forced
@@ -88,7 +92,8 @@ class ForceTokens(LogitsProcessor):
 
 @torch.no_grad()
 def teacher_forced_predictions(model, windows: torch.Tensor, prefix: int, batch: int, pad_id: int,
-                               timer: DecodeStepTimer | None = None, progress=None) -> torch.Tensor:
+                               timer: DecodeStepTimer | None = None, progress=None,
+                               log_probs: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Argmax predictions (W, steps) of the tokens ``windows[:, prefix + 1:]``, decoded teacher-forced.
 
     The first ``prefix`` tokens go in by prefill; ``generate()`` then emits the window's own
@@ -101,7 +106,7 @@ def teacher_forced_predictions(model, windows: torch.Tensor, prefix: int, batch:
     criteria = StoppingCriteriaList([timer] if timer else [])
     predictions = []
     for chunk in windows.split(batch):
-        forcing = ForceTokens(chunk[:, prefix:])
+        forcing = ForceTokens(chunk[:, prefix:], keep_log_probs=log_probs is not None)
         if timer:
             timer.start()
         model.generate(input_ids=chunk[:, :prefix], attention_mask=torch.ones_like(chunk[:, :prefix]),
@@ -109,6 +114,8 @@ def teacher_forced_predictions(model, windows: torch.Tensor, prefix: int, batch:
                        logits_processor=LogitsProcessorList([forcing]), stopping_criteria=criteria,
                        pad_token_id=pad_id)
         predictions.append(torch.stack(forcing.predictions[1:], dim=1))
+        if log_probs is not None:
+            log_probs.append(torch.stack(forcing.log_probs[1:], dim=1))
         if progress is not None:
             progress.update(len(chunk) * steps)
     return torch.cat(predictions)

@@ -12,7 +12,15 @@ then runs at every batch size B with the same problems. Per (variant, B) the row
   compiles what this batch size needs;
 * for lynx variants, distinct experts per decode step per layer, before selection (the batch's
   plain top-k) and after, from ``lynx_compile.record`` over the first ``record_batches`` batches
-  (run again, after the timed pass, because recording costs time).
+  (run again, after the timed pass, because recording costs time);
+* for ``code-token`` (teacher-forced, so every variant predicts after the same tokens), the
+  fidelity to default Inductor at the same B: per-token KL from Inductor's next-token
+  distribution to the variant's (mean and 99th percentile, nats) and top-1 agreement.
+
+Variants are named by a spec (``parse_variant``): a policy (``none``, ``affinity_binning``,
+``gate_mass_budget``, ``opportunistic``), optionally with parameters
+(``gate_mass_budget:expert_budget=4``, ``affinity_binning:alpha=1.4,beta=2``), or a plan
+(``plan:path/to/plan.json``: its sites run its settings, any site it does not name runs none).
 """
 
 from __future__ import annotations
@@ -39,13 +47,44 @@ class Variant:
 
     @property
     def policy(self) -> str | None:
-        return (self.options or {}).get("policy")
+        """The policy ("plan" for a plan variant); None for eager and Inductor."""
+        options = self.options or {}
+        return "plan" if "plan" in options else options.get("policy")
+
+
+def parse_variant(spec: str) -> Variant:
+    """A lynx variant from its spec: "POLICY", "POLICY:key=value[,key=value]" or "plan:PATH".
+
+    Raises ValueError (LynxOptionsError for a bad policy, parameter or plan file)."""
+    name, _, rest = spec.partition(":")
+    if name == "plan":
+        if not rest:
+            raise ValueError(f"variant {spec!r}: expected plan:<path to a plan JSON>")
+        options = {"plan": rest, "policy": "none"}
+    else:
+        options = {"policy": name}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"variant {spec!r}: expected POLICY:key=value[,key=value], got {item!r}")
+            options[key.strip()] = _number(value.strip())
+    lynx_compile.LynxConfig.from_options(options)  # validate now, not after other variants ran
+    return Variant(f"lynx:{spec}", "lynx", options)
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def variants(policies: list[str], eager: bool = False) -> list[Variant]:
     out = [Variant("eager", None)] if eager else []
     out.append(Variant("inductor", "inductor"))
-    out += [Variant(f"lynx:{policy}", "lynx", {"policy": policy}) for policy in policies]
+    out += [parse_variant(spec) for spec in policies]
     return out
 
 
@@ -80,14 +119,17 @@ def _experts_by_layer(recorder) -> dict[str, list[float]]:
 
 
 def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Variant,
-             record_batches: int, progress=None) -> tuple[dict, list, list[bool]]:
-    """One (variant, task, B) cell: its row, each problem's output and whether it was correct."""
+             record_batches: int, progress=None) -> tuple[dict, list, list[bool], torch.Tensor | None]:
+    """One (variant, task, B) cell: its row, each problem's output and whether it was correct, and
+    for code-token the (N, V) next-token log-probabilities of the timed pass (None otherwise)."""
+    distributions = [] if task == "code-token" else None
     if task == "code-token":
         items = tasks.code_token_windows(tokenizer, count)
         prefix, pad_id = tasks.CODE_TOKEN_PREFIX, tokenizer.pad_token_id
 
         def run(chunk, timer=None, progress=None):
-            return decode.teacher_forced_predictions(model, chunk, prefix, batch, pad_id, timer, progress)
+            return decode.teacher_forced_predictions(model, chunk, prefix, batch, pad_id, timer, progress,
+                                                     distributions if timer is not None else None)
     else:
         items = tasks.generation_problems(task, tokenizer, count, model.config.max_position_embeddings)
         new_tokens = tasks.max_new_tokens(task)
@@ -117,7 +159,19 @@ def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Varia
         if layers:
             row["experts_before"] = round(statistics.mean(b for b, _ in layers.values()), 2)
             row["experts_after"] = round(statistics.mean(a for _, a in layers.values()), 2)
-    return row, outputs, correct
+    log_probs = torch.cat(distributions).flatten(0, 1) if distributions else None  # (N, V)
+    return row, outputs, correct, log_probs
+
+
+def add_fidelity(row: dict, reference: torch.Tensor, log_probs: torch.Tensor, baseline: str = "inductor") -> None:
+    """Adds ``kl_mean_vs_<baseline>``, ``kl_p99_vs_<baseline>`` (nats per token) and
+    ``top1_agreement_vs_<baseline>`` from the same tokens' next-token log-probabilities."""
+    from lynx_compile.calibration.measure import fidelity
+
+    measured = fidelity(reference, log_probs)
+    row[f"kl_mean_vs_{baseline}"] = round(measured.kl, 6)
+    row[f"kl_p99_vs_{baseline}"] = round(measured.kl_p99, 6)
+    row[f"top1_agreement_vs_{baseline}"] = round(measured.top1_agreement, 6)
 
 
 def compare_with_baseline(rows: list[dict], outputs: dict, correct: dict, baseline: str = "inductor") -> None:
@@ -167,6 +221,7 @@ def evaluate(checkpoint: str, task_names: list[str], batch_sizes: list[int], pol
 def _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype, eager, record_batches,
                        show_progress):
     rows, outputs, correct = [], {}, {}
+    reference = {}  # (task, B) -> Inductor's code-token log-probabilities (variants() puts Inductor first)
     for variant in variants(policies, eager):
         torch._dynamo.reset()  # each variant compiles from scratch; no cache entries shared across backends
         model, tokenizer = load(path, dtype, variant)
@@ -175,10 +230,15 @@ def _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype,
                 steps = tasks.CODE_TOKEN_STEPS
                 total = -(-problems // steps) * steps if task == "code-token" else problems
                 progress = _progress(f"{path.name} {variant.name} {task} B={batch}", total, show_progress)
-                row, outs, oks = run_task(model, tokenizer, task, batch, problems, variant, record_batches, progress)
+                row, outs, oks, log_probs = run_task(model, tokenizer, task, batch, problems, variant,
+                                                     record_batches, progress)
                 if progress is not None:
                     progress.close()
                 row["task"] = task
+                if log_probs is not None and variant.name == "inductor":
+                    reference[(task, batch)] = log_probs
+                elif log_probs is not None and (task, batch) in reference:
+                    add_fidelity(row, reference[(task, batch)], log_probs)
                 rows.append(row)
                 outputs[(variant.name, task, batch)], correct[(variant.name, task, batch)] = outs, oks
     compare_with_baseline(rows, outputs, correct)

@@ -89,3 +89,86 @@ def markdown(result: dict) -> str:
             f"{experts} | {base['step_ms']:.2f} | {none['step_ms'] if none else float('nan'):.2f} | "
             f"{lynx['step_ms']:.2f} | {lynx['speedup_vs_inductor']:.2f}x |")
     return "\n".join(lines)
+
+
+# --- the comparison of policies and plans (code-token: fidelity to Inductor vs experts per step) ---
+
+FIDELITY_TASK = "code-token"
+
+
+def has_fidelity(result: dict) -> bool:
+    return any("top1_agreement_vs_inductor" in r for r in result["rows"])
+
+
+def comparison_points(result: dict) -> dict[int, list[dict]]:
+    """Per B: one point per variant with code-token fidelity, plus Inductor itself (experts of
+    the batch's plain top-k, agreement 1, KL 0). Each point: variant, experts, top1_agreement,
+    kl_mean, kl_p99, accuracy, d_points, front (not dominated on fewer experts / more agreement)."""
+    out: dict[int, list[dict]] = {}
+    rows = [r for r in result["rows"] if r["task"] == FIDELITY_TASK]
+    for batch in sorted({r["batch"] for r in rows}):
+        cells = [r for r in rows if r["batch"] == batch]
+        base = next((r for r in cells if r["variant"] == "inductor"), None)
+        measured = [r for r in cells if "top1_agreement_vs_inductor" in r and "experts_after" in r]
+        if base is None or not measured:
+            continue
+        none = next((r for r in measured if r["policy"] == "none"), None)
+        plain = none["experts_after"] if none else sum(r["experts_before"] for r in measured) / len(measured)
+        points = [{"variant": "inductor", "experts": plain, "experts_plain": plain, "top1_agreement": 1.0,
+                   "kl_mean": 0.0, "kl_p99": 0.0, "accuracy": base["accuracy"], "d_points": 0.0}]
+        for r in measured:
+            points.append({"variant": r["variant"], "experts": r["experts_after"], "experts_plain": r["experts_before"],
+                           "top1_agreement": r["top1_agreement_vs_inductor"], "kl_mean": r["kl_mean_vs_inductor"],
+                           "kl_p99": r["kl_p99_vs_inductor"], "accuracy": r["accuracy"],
+                           "d_points": r.get("accuracy_delta_points_vs_inductor", 0.0)})
+        for p in points:
+            p["front"] = not any(q is not p and q["experts"] <= p["experts"] and q["top1_agreement"] >= p["top1_agreement"]
+                                 and (q["experts"] < p["experts"] or q["top1_agreement"] > p["top1_agreement"])
+                                 for q in points)
+        out[batch] = points
+    return out
+
+
+def comparison_markdown(result: dict) -> str:
+    """The README's comparison table: per B and variant, experts per step against fidelity to
+    Inductor (teacher-forced code-token) and accuracy; "front": no other point reads fewer
+    experts at equal or better top-1 agreement."""
+    lines = [f"**{result['checkpoint']}**, task {FIDELITY_TASK}, fidelity to default Inductor at the same B:", "",
+             "| B | variant | experts/step | top-1 agreement | KL mean (nats) | KL p99 | accuracy | d points | front |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for batch, points in comparison_points(result).items():
+        for p in sorted(points, key=lambda p: p["experts"]):
+            lines.append(f"| {batch} | {p['variant']} | {p['experts']:.2f} of {p['experts_plain']:.2f} | "
+                         f"{100 * p['top1_agreement']:.1f}% | {p['kl_mean']:.4f} | {p['kl_p99']:.3f} | "
+                         f"{100 * p['accuracy']:.1f}% | {p['d_points']:+.1f} | {'yes' if p['front'] else ''} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(result: dict, path: Path) -> None:
+    """Per B (rows): top-1 agreement, mean KL and accuracy (columns) against experts per step,
+    one point per variant; Pareto-optimal points (fewer experts, higher agreement) ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_batch = comparison_points(result)
+    if not by_batch:
+        return
+    columns = (("top1_agreement", "top-1 agreement with Inductor", 100), ("kl_mean", "mean KL (nats/token)", 1),
+               ("accuracy", f"{FIDELITY_TASK} accuracy (%)", 100))
+    fig, axes = plt.subplots(len(by_batch), 3, figsize=(16, 4.5 * len(by_batch)), squeeze=False)
+    for row, (batch, points) in enumerate(by_batch.items()):
+        for column, (key, label, scale) in enumerate(columns):
+            axis = axes[row][column]
+            for p in points:
+                axis.scatter(p["experts"], scale * p[key], s=60 if p["front"] else 30,
+                             edgecolors="black" if p["front"] else "none")
+                axis.annotate(p["variant"].removeprefix("lynx:"), (p["experts"], scale * p[key]), fontsize="x-small",
+                              xytext=(3, 3), textcoords="offset points")
+            axis.set(xlabel=f"distinct experts per decode step (of {result['num_experts']})", ylabel=label,
+                     title=f"{result['checkpoint']}, B={batch}")
+            axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

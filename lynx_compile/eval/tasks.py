@@ -88,15 +88,17 @@ def is_correct(task: str, output: str, expected: str) -> bool:
 
 
 def code_token_windows(tokenizer, count: int, prefix: int = CODE_TOKEN_PREFIX,
-                       steps: int = CODE_TOKEN_STEPS) -> torch.Tensor:
+                       steps: int = CODE_TOKEN_STEPS, texts: list[str] | None = None) -> torch.Tensor:
     """(W, prefix + steps + 1) token windows spread evenly over the held-out code files.
 
     W = ceil(count / steps), so the task has at least ``count`` predicted tokens. Each window
     holds the prefix, the ``steps`` tokens fed one per decode step, and the token after them,
     all from one file (a window starting at a file's start begins with BOS, as in training).
+    texts: other code texts to cut the windows from (calibration uses training files).
     """
     width = prefix + steps + 1
-    documents = [[tokenizer.bos_token_id] + ids for ids in encode(tokenizer, corpora.code_token_documents())]
+    texts = corpora.code_token_documents() if texts is None else texts
+    documents = [[tokenizer.bos_token_id] + ids for ids in encode(tokenizer, texts)]
     # Every start that keeps the window inside one document, in corpus order.
     starts = [(d, s) for d, ids in enumerate(documents) for s in range(0, len(ids) - width + 1)]
     windows = -(-count // steps)

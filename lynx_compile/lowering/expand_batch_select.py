@@ -48,8 +48,12 @@ def expand_batch_select(graph: Graph, record: bool = False) -> int:
 
 
 def _expand_one(graph: Graph, node: Node, record: bool) -> None:
+    names = ("live", "policy", "expert_budget", "keep_top")
+    defaults = (None, selection.DEFAULT_POLICY, 0, 0)
     scores, logits, k, alpha, beta, confidence_gap, bound, *rest = node.args
-    live = rest[0] if rest else node.kwargs.get("live")
+    live, policy, expert_budget, keep_top = (
+        rest[i] if i < len(rest) else node.kwargs.get(name, default) for i, (name, default) in
+        enumerate(zip(names, defaults)))
     site_label, router_weight = node.meta["lynx_site"]
     # Inputs that are graph nodes become placeholders of the traced body; constants are baked in.
     optional = {"bound": bound, "live": live}
@@ -59,11 +63,14 @@ def _expand_one(graph: Graph, node: Node, record: bool) -> None:
         given = dict(zip(traced_inputs, node_values))
         token_bound = given.get("bound", bound)
         values, indices = selection.batch_select(
-            scores_value, logits_value, k, alpha, beta, confidence_gap, token_bound, given.get("live"))
+            scores_value, logits_value, k, alpha, beta, confidence_gap, token_bound, given.get("live"),
+            policy, expert_budget, keep_top)
         if record:
             plain = torch.topk(scores_value, k, dim=-1).indices
+            voters = selection.voting_rows(scores_value, logits_value, k, given.get("live"))
+            budget = expert_budget if policy == "gate_mass_budget" else -1
             indices = observe_selection(plain, indices, weight_value, scores_value.shape[1],
-                                        token_bound, site_label)
+                                        token_bound, site_label, voters, budget)
         return values, indices
 
     inputs = [scores, logits, router_weight] + [optional[name] for name in traced_inputs]

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch.fx import Graph, Node
 
-from ..config import LynxConfig
+from ..config import LynxConfig, SiteSetting
 from . import fx_match as fm
 from .fx_match import aten, prims
 from .phase import PhaseDecision, decide_phase
@@ -49,6 +49,7 @@ class RoutingSite:
     phase: PhaseDecision | None = None
     rewritten: bool = False
     experts: str | None = None  # what happened to the expert dispatch after it (fused / kept, why)
+    setting: SiteSetting | None = None  # the policy it runs (set by the rewrite, for selectable sites)
     dynamo_node: str | None = None
 
     @property

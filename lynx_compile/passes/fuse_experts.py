@@ -148,7 +148,7 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
     for site in sites:
         if not site.selectable:
             continue
-        if not config.fuses_experts:
+        if not config.fuses_experts_at(site.label, site.num_experts, site.top_k):
             site.experts = f"kept: experts={config.experts!r}"
             continue
         found = find_dispatch_region(graph, site)

@@ -224,7 +224,7 @@ def _classify(chain: MaxChain, config: LynxConfig) -> RoutingSite | None:
     if not site.phase.selects:
         site.reason = site.phase.reason
         return site
-    if not config.selects:
+    if not config.site_setting(site.label, num_experts, top_k).selects:
         site.reason = "not rewritten: policy 'none' (max-rounds router left as written)"
         return site
     used_elsewhere = _masked_scores_used_elsewhere(chain)

@@ -31,6 +31,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph
 
+from .. import logs
 from ..compat import CUSTOM_PASS_LISTS
 from ..config import LynxConfig
 from ..lowering.expand_batch_select import expand_batch_select
@@ -55,35 +56,48 @@ class GraphReport:
 
 class LynxPostGradPass(CustomGraphPass):
     def __init__(self, config: LynxConfig, record: bool = False,
-                 on_report: Callable[[GraphReport], None] | None = None) -> None:
+                 on_report: Callable[[GraphReport], None] | None = None, switchable: bool = False) -> None:
         self.config = config
         self.record = record
         self.on_report = on_report
+        self.switchable = switchable  # calibration: sites' settings chosen at run time
 
     def __call__(self, graph: Graph) -> None:
-        before = str(graph) if self.on_report else ""
+        keep_text = self.on_report is not None or logs.wants_graphs()
+        before = str(graph) if keep_text else ""
         left_alone = canonicalize_max_routing(graph, self.config)
         sites = left_alone + find_routing_sites(graph, self.config)
         fuse_expert_dispatches(graph, sites, self.config)
-        rewrite_routing_sites(graph, sites, self.config)
+        rewrite_routing_sites(graph, sites, self.config, switchable=self.switchable)
         if self.record:
             observe_plain_sites(graph, sites)
-        after_rewrite = str(graph) if self.on_report else ""
+        after_rewrite = str(graph) if keep_text else ""
         expand_batch_select(graph, record=self.record)
         graph.eliminate_dead_code()
         graph.lint()
+        lowered = str(graph) if keep_text else ""
+        logs.emit(sites, before, after_rewrite, lowered, describe_site)
         if self.on_report:
-            self.on_report(GraphReport(sites, before, after_rewrite, str(graph)))
+            self.on_report(GraphReport(sites, before, after_rewrite, lowered))
 
     def uuid(self) -> str:
         # The CPU's features decide experts="auto" (lowering/kernels/choice.py): part of the key.
         return hashlib.sha256(
-            f"{_source_hash()}|{self.config!r}|record={self.record}|{cpu_features()}".encode()).hexdigest()
+            f"{_source_hash()}|{self.config!r}|record={self.record}|switchable={self.switchable}|{cpu_features()}"
+            .encode()).hexdigest()
+
+
+def describe_site(site: RoutingSite) -> dict[str, object]:
+    """One site's decision, for the "lynx" log and TORCH_TRACE (`logs.py`)."""
+    return {"site": site.label, "routing": site.is_routing, "router": site.router_form, "E": site.num_experts,
+            "k": site.top_k, "phase": site.phase.mode if site.phase else None,
+            "policy": site.setting.describe() if site.setting is not None else None,
+            "rewritten": site.rewritten, "reason": site.reason, "experts": site.experts}
 
 
 # The code that decides what the compiled graph contains. Other modules (eval, training, explain)
 # can change without invalidating every cached lynx compile.
-_COMPILE_SOURCES = ("passes", "lowering", "backend.py", "compat.py", "config.py", "record.py")
+_COMPILE_SOURCES = ("passes", "lowering", "policies", "backend.py", "compat.py", "config.py", "plan.py", "record.py")
 
 
 @functools.cache

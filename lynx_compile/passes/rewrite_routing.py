@@ -10,8 +10,13 @@ Before (Mixtral router, post-grad):
 
 After:
 
-    batch_select = lynx.batch_select(div, mm, 2, 0.7, 1, 1.4286, -1, None)   # or a live mask
+    batch_select = lynx.batch_select(div, mm, 2, 0.7, 1, 1.4286, -1, None,    # or a live mask
+                                     "affinity_binning", 0, 0)                # policy, expert_budget, keep_top
     getitem = batch_select[0]; getitem_1 = batch_select[1]
+
+Each site runs its own setting (`LynxConfig.site_setting`: the plan's entry for the site, else
+the config's policy), recorded on the site for `explain`; a site whose setting is "none" is
+left exactly as it was.
 
 Why this is valid: the new op returns values and indices of the same shapes and dtypes, values
 are the scores at the chosen indices, and every token still gets k distinct experts, so all
@@ -37,18 +42,28 @@ from .live_rows import find_token_ids, live_tokens
 from .phase import batch_size_node
 
 
-def rewrite_routing_sites(graph: Graph, sites: list[RoutingSite], config: LynxConfig) -> int:
-    """Rewrite every selectable site in place; return the number rewritten."""
+def rewrite_routing_sites(graph: Graph, sites: list[RoutingSite], config: LynxConfig,
+                          switchable: bool = False) -> int:
+    """Rewrite every selectable site in place; return the number rewritten.
+
+    switchable: (calibration) every selectable site becomes lynx.switch_select, whose setting is
+    chosen at run time (`calibration/switch.py`), whatever the config's policy or plan says."""
     rewritten = 0
     live_masks: dict[Node, Node] = {}  # token ids -> their live mask, shared by the graph's sites
     for site in sites:
         if not site.selectable:
             continue
-        if not config.selects:
-            site.reason = "not rewritten: policy 'none'"
+        if switchable:
+            _rewrite_switchable(graph, site, _live_mask(graph, site, config, live_masks))
+            site.rewritten = True
+            rewritten += 1
+            continue
+        site.setting = config.site_setting(site.label, site.num_experts, site.top_k)
+        if not site.setting.selects:
+            site.reason = "not rewritten: policy 'none'" + (" (plan)" if site.setting.source.startswith("plan") else "")
             continue
         live = _live_mask(graph, site, config, live_masks)
-        _rewrite(graph, site, config, live)
+        _rewrite(graph, site, live)
         site.rewritten = True
         rewritten += 1
     return rewritten
@@ -69,21 +84,40 @@ def _live_mask(graph: Graph, site: RoutingSite, config: LynxConfig, cache: dict[
     return cache[ids]
 
 
-def _rewrite(graph: Graph, site: RoutingSite, config: LynxConfig, live: Node | None) -> None:
+def _rewrite(graph: Graph, site: RoutingSite, live: Node | None) -> None:
     topk = site.topk
-    alpha, beta = config.resolved_alpha_beta(site.num_experts, site.top_k)
-    confidence_gap = config.resolved_confidence_gap(alpha)
+    op = site.setting.op_arguments()
     scores = topk.args[0]
 
     with graph.inserting_before(topk):
         bound = _decode_bound(site)
         new = graph.call_function(
             batch_select,
-            (scores, site.logits, site.top_k, float(alpha), int(beta), float(confidence_gap), bound, live))
+            (scores, site.logits, site.top_k, op["alpha"], op["beta"], op["confidence_gap"], bound, live,
+             op["policy"], op["expert_budget"], op["keep_top"]))
     new.meta.update({k: v for k, v in topk.meta.items() if k != "val"})
     new.meta["val"] = _fake_outputs(scores, site.top_k)
     new.meta["lynx_site"] = (site.label, site.router_weight)
 
+    for index, getitem in fm.getitem_users(topk).items():
+        with graph.inserting_before(getitem):
+            replacement = graph.call_function(operator.getitem, (new, index))
+        replacement.meta.update(getitem.meta)
+        getitem.replace_all_uses_with(replacement)
+        graph.erase_node(getitem)
+    graph.erase_node(topk)
+
+
+def _rewrite_switchable(graph: Graph, site: RoutingSite, live: Node | None) -> None:
+    from ..lowering.ops import switch_select
+
+    topk = site.topk
+    with graph.inserting_before(topk):
+        new = graph.call_function(switch_select, (topk.args[0], site.logits, site.top_k, _decode_bound(site), live,
+                                                  site.router_weight, site.label))
+    new.meta.update({k: v for k, v in topk.meta.items() if k != "val"})
+    new.meta["val"] = _fake_outputs(topk.args[0], site.top_k)
+    site.reason += "; switchable (calibration)"
     for index, getitem in fm.getitem_users(topk).items():
         with graph.inserting_before(getitem):
             replacement = graph.call_function(operator.getitem, (new, index))

@@ -10,6 +10,10 @@ SELECT_CASES = {
     "bounded": lambda scores, logits: (scores, logits, 2, 0.7, 1, 1.4, 4),
     "live-mask": lambda scores, logits: (scores, logits, 2, 0.7, 1, 1.4, selection.NO_DECODE_BOUND,
                                          torch.arange(scores.shape[0]) % 2 == 0),
+    "gate-mass-budget": lambda scores, logits: (scores, logits, 2, 0.0, 0, 1.4, selection.NO_DECODE_BOUND,
+                                                torch.arange(scores.shape[0]) % 2 == 0, "gate_mass_budget", 3, 0),
+    "opportunistic": lambda scores, logits: (scores, logits, 2, 0.0, 0, 0.0, 4, None, "opportunistic", 0, 1),
+    "none": lambda scores, logits: (scores, logits, 2, 0.0, 0, 0.0, selection.NO_DECODE_BOUND, None, "none", 0, 0),
 }
 
 
@@ -25,6 +29,8 @@ def test_observe_selection():
     plain = torch.topk(torch.randn(6, 8), 2).indices
     chosen = torch.topk(torch.randn(6, 8), 2).indices
     torch.library.opcheck(ops.observe_selection, (plain, chosen, torch.randn(8, 16), 8, -1, "gate"))
+    voters = torch.arange(6) % 2 == 0
+    torch.library.opcheck(ops.observe_selection, (plain, chosen, torch.randn(8, 16), 8, -1, "gate", voters, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -40,3 +46,9 @@ def test_moe_experts(dtype, biased):
     args = (torch.randn(tokens, hidden, dtype=dtype), weights, ids, w_gate_up[:, :inter], w_gate_up[:, inter:],
             w_down, *biases, "gpt_oss" if biased else "silu", 1.702, 7.0)
     torch.library.opcheck(ops.moe_experts, args)
+
+
+def test_switch_select():
+    logits = torch.randn(6, 8)
+    torch.library.opcheck(ops.switch_select, (torch.softmax(logits, -1), logits, 2, -1, None, torch.randn(8, 16),
+                                              "gate"))

@@ -1,80 +1,20 @@
-"""The AffinityBinning algorithm on hand-built router outputs (no compilation)."""
+"""The selection op (`lowering/selection.py:batch_select`): decode bound, policy dispatch, and the
+registered op against its Python body, for every policy."""
 
 import pytest
 import torch
 
+from lynx_compile import policies
 from lynx_compile.lowering import selection
 from lynx_compile.lowering.ops import batch_select
+from moe_models import skewed_logits
 
-
-def skewed_logits(num_tokens=16, num_experts=8, favoured=(0, 1, 2), seed=0, strength=3.0):
-    """Router logits where every token strongly prefers some of `favoured`, weakly the rest."""
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_tokens, num_experts, generator=generator) * 0.3
-    logits[:, list(favoured)] += strength
-    return logits
-
-
-def distinct(indices: torch.Tensor) -> int:
-    return int(torch.unique(indices).numel())
-
-
-def test_skewed_batch_uses_fewer_experts_and_keeps_k_distinct():
-    logits = skewed_logits()
-    scores = torch.softmax(logits, dim=-1)
-    plain = torch.topk(scores, 2).indices
-    values, indices = selection.affinity_binning(scores, logits, k=2, alpha=0.7, beta=1, confidence_gap=1 / 0.7)
-
-    assert distinct(indices) < distinct(plain)
-    assert set(torch.unique(indices).tolist()) <= {0, 1, 2}
-    assert indices.shape == plain.shape and indices.dtype == torch.int64
-    assert all(len(set(row.tolist())) == 2 for row in indices)
-    torch.testing.assert_close(values, scores.gather(1, indices), rtol=0, atol=0)
-
-
-def test_confident_tokens_keep_their_top1():
-    logits = skewed_logits(num_tokens=16, num_experts=8, favoured=(0, 1))
-    logits[3] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0])  # sure of expert 7, alone
-    scores = torch.softmax(logits, dim=-1)
-    _, indices = selection.affinity_binning(scores, logits, k=2, alpha=0.7, beta=1, confidence_gap=1 / 0.7)
-    assert indices[3, 0].item() == 7
-    # every confident token (second choice > gap behind) keeps its own top-1 in slot 0
-    top2 = torch.topk(logits, 2).values
-    confident = (top2[:, 0] - top2[:, 1]) > 1 / 0.7
-    assert confident.any()
-    assert torch.equal(indices[confident, 0], scores.argmax(-1)[confident])
-
-
-def test_every_token_keeps_an_expert_from_its_bin0():
-    logits = skewed_logits(num_tokens=32, num_experts=16, favoured=(3, 5, 9, 12), strength=1.0, seed=1)
-    scores = torch.softmax(logits, dim=-1)
-    alpha = 3.0
-    _, indices = selection.affinity_binning(scores, logits, k=4, alpha=alpha, beta=2, confidence_gap=1 / alpha)
-    gap = logits - logits.amax(-1, keepdim=True)
-    chosen_best_gap = gap.gather(1, indices).amax(-1)
-    assert (chosen_best_gap > -1 / alpha).all()
-
-
-def test_single_token_batch_is_plain_topk():
-    logits = torch.randn(1, 16)
-    scores = torch.softmax(logits, dim=-1)
-    values, indices = selection.affinity_binning(scores, logits, k=4, alpha=3.0, beta=2, confidence_gap=1 / 3)
-    plain_values, plain_indices = torch.topk(scores, 4)
-    assert torch.equal(indices, plain_indices)
-    assert torch.equal(values, plain_values)
-
-
-def test_masked_experts_are_never_chosen_and_tokens_fall_back_to_eligible_ones():
-    # DeepSeek-style group limit: each token may only use its own half of the experts.
-    logits = torch.randn(8, 16)
-    scores = torch.sigmoid(logits)
-    allowed = torch.zeros(8, 16, dtype=torch.bool)
-    allowed[:4, :8] = True
-    allowed[4:, 8:] = True
-    masked_scores = scores.masked_fill(~allowed, float("-inf"))
-    _, indices = selection.affinity_binning(masked_scores, logits, k=4, alpha=3.0, beta=2, confidence_gap=1 / 3)
-    assert allowed.gather(1, indices).all()
-    assert all(len(set(row.tolist())) == 4 for row in indices)
+POLICY_ARGS = {  # policy -> (policy, expert_budget, keep_top) as the op takes them
+    "affinity_binning": ("affinity_binning", 0, 0),
+    "gate_mass_budget": ("gate_mass_budget", 3, 0),
+    "opportunistic": ("opportunistic", 0, 1),
+    "none": ("none", 0, 0),
+}
 
 
 def test_decode_bound_switches_between_selection_and_plain_topk():
@@ -90,12 +30,35 @@ def test_decode_bound_switches_between_selection_and_plain_topk():
     assert torch.equal(as_prefill[0], plain.values)
 
 
+@pytest.mark.parametrize("policy", POLICY_ARGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_registered_op_matches_python_body(dtype):
+def test_registered_op_matches_python_body(dtype, policy):
     logits = skewed_logits().to(dtype)
     scores = torch.softmax(logits.float(), dim=-1).to(dtype)
-    args = (scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND)
+    args = (scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND, None, *POLICY_ARGS[policy])
     values, indices = batch_select(*args)
     expected_values, expected_indices = selection.batch_select(*args)
     assert values.dtype == dtype
     assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
+
+
+def test_the_op_runs_the_named_policy_with_its_own_parameters():
+    logits = skewed_logits()
+    scores = torch.softmax(logits, dim=-1)
+    _, indices = selection.batch_select(scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND, None,
+                                        "opportunistic", 0, 1)
+    _, expected = policies.select("opportunistic", scores, logits, 2, keep_top=1)
+    assert torch.equal(indices, expected)
+    with pytest.raises(ValueError, match="unknown selection policy 'greedy'"):
+        selection.batch_select(scores, logits, 2, 0.7, 1, 1.0, selection.NO_DECODE_BOUND, None, "greedy")
+    with pytest.raises(ValueError, match=r"keep_top must be an integer in \[1, k=2\], got 3"):
+        selection.batch_select(scores, logits, 2, 0.7, 1, 1.0, selection.NO_DECODE_BOUND, None, "opportunistic", 0, 3)
+
+
+def test_a_call_without_policy_arguments_is_affinity_binning():
+    """Backward compatibility of the op's schema: graphs written before policies existed."""
+    logits = skewed_logits()
+    scores = torch.softmax(logits, dim=-1)
+    old = batch_select(scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND)
+    _, expected = policies.select("affinity_binning", scores, logits, 2, alpha=0.7, beta=1, confidence_gap=1 / 0.7)
+    assert torch.equal(old[1], expected)

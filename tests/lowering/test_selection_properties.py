@@ -1,8 +1,10 @@
 """Property tests of the selection op: the contract every policy keeps, on generated batches.
 
 Batches are drawn by hypothesis as parameters (sizes, dtype, router form, ties, group or random
--inf masks, NaN/+inf rows, dead rows, bin settings) and built with torch from a drawn seed, so
-thousands of cases stay fast. `derandomize=True`: the same cases on every run (no flaky CI).
+-inf masks, NaN/+inf rows, dead rows, the policy and its parameters) and built with torch from a
+drawn seed, so thousands of cases stay fast. The policy is part of the case (every policy gets
+about a quarter of the cases), so covering every policy does not multiply the run time.
+`derandomize=True`: the same cases on every run (no flaky CI).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lynx_compile import policies
 from lynx_compile.lowering import selection
 
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -39,20 +42,26 @@ class Batch:
     beta: int
     confidence_gap: float
     live: torch.Tensor | None  # (T,) bool
+    policy: str = "affinity_binning"
+    expert_budget: int = 0
+    keep_top: int = 0
 
     def select(self, rows: torch.Tensor | None = None):
         keep = slice(None) if rows is None else rows
         live = None if self.live is None else self.live[keep]
         return selection.batch_select(self.scores[keep], self.logits[keep], self.k, self.alpha, self.beta,
-                                      self.confidence_gap, selection.NO_DECODE_BOUND, live)
+                                      self.confidence_gap, selection.NO_DECODE_BOUND, live, self.policy,
+                                      self.expert_budget, self.keep_top)
 
 
 @st.composite
-def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k=None, dtype=None):
-    """Sizes are drawn by hypothesis; everything else from a drawn seed (fewer draws: fast cases)."""
+def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k=None, dtype=None, policy=None):
+    """Sizes and the policy are drawn by hypothesis; everything else from a drawn seed (fewer
+    draws: fast cases)."""
     num_tokens = draw(st.integers(0, max_tokens))
     num_experts = num_experts or draw(st.sampled_from([2, 3, 4, 8, 16, 32, 64]))
     k = k or draw(st.integers(1, num_experts))
+    policy = policy or draw(st.sampled_from(policies.POLICIES))
     seed = draw(st.integers(0, 2**31 - 1))
     pick = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -85,7 +94,9 @@ def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k
     alpha = pick.choice([0.7, 1.0, 3.0])
     beta = pick.randint(1, 3)
     gap = pick.choice([0.0, 1 / alpha, 2.0])
-    return Batch(scores.to(dtype), logits.to(dtype), k, alpha, beta, gap, live)
+    expert_budget = pick.choice([1, k, pick.randint(1, num_experts), num_experts])
+    keep_top = pick.randint(1, k)
+    return Batch(scores.to(dtype), logits.to(dtype), k, alpha, beta, gap, live, policy, expert_budget, keep_top)
 
 
 def eligible_and_usable(batch: Batch):
@@ -104,6 +115,8 @@ def distinct(indices: torch.Tensor, rows: torch.Tensor) -> int:
 @settings(max_examples=6000, **SETTINGS)
 @given(batches())
 def test_the_selection_contract_holds(batch):
+    """For every policy: shapes, values, k distinct eligible experts, never more experts than
+    top-k, and what each policy promises to keep (confident top-1s, own top keep_top, top-k)."""
     values, indices = batch.select()
     num_tokens = batch.scores.shape[0]
     assert indices.shape == values.shape == (num_tokens, batch.k)
@@ -127,14 +140,19 @@ def test_the_selection_contract_holds(batch):
     voters = usable if batch.live is None else usable & batch.live
     assert distinct(indices, voters) <= distinct(plain, voters)
 
-    # confident voters keep their top-1
+    if not num_tokens:
+        return
+    # confident voters keep their top-1 (binning, budget); every voter its own top keep_top
+    # (opportunistic) or its whole top-k (none), compared by score (ties may swap indices)
     z = batch.logits.float().masked_fill(~eligible, float("-inf"))
-    if num_tokens and z.shape[1] >= 2:
-        top2 = torch.topk(z, 2, dim=-1).values
-        confident = voters & ((top2[:, 0] - top2[:, 1]) > batch.confidence_gap)
-        best = batch.scores.float().amax(dim=-1, keepdim=True)
-        kept_best = (batch.scores.float().gather(1, indices) == best).any(dim=-1)
-        assert kept_best[confident].all()
+    top2 = torch.topk(z, 2, dim=-1).values
+    confident = voters & ((top2[:, 0] - top2[:, 1]) > batch.confidence_gap)
+    kept = {"affinity_binning": (confident, 1), "gate_mass_budget": (confident, 1),
+            "opportunistic": (voters, batch.keep_top), "none": (voters, batch.k)}[batch.policy]
+    rows, count = kept
+    chosen_values = values.float().sort(dim=-1, descending=True).values[:, :count]  # (T, count)
+    top_values = torch.topk(batch.scores.float(), count, dim=-1).values  # (T, count)
+    assert torch.equal(chosen_values[rows], top_values[rows])
 
 
 @settings(max_examples=4000, **SETTINGS)
@@ -162,17 +180,25 @@ def test_an_empty_batch_returns_empty_tensors():
         assert values.shape == indices.shape == (0, 2) and indices.dtype == torch.int64
 
 
-@pytest.mark.parametrize("num_experts, k, dtype", [(8, 2, torch.float32), (16, 4, torch.bfloat16)])
-def test_inductor_generated_selection_equals_the_eager_op(num_experts, k, dtype):
-    """One compiled function per (E, k, dtype), dynamic in T, checked on many generated batches."""
+@pytest.mark.parametrize("policy, expert_budget, keep_top, num_experts, k, dtype", [
+    ("affinity_binning", 0, 0, 8, 2, torch.float32),
+    ("affinity_binning", 0, 0, 16, 4, torch.bfloat16),
+    ("gate_mass_budget", 3, 0, 8, 2, torch.float32),  # float64 mass sums: the one float reduction
+    ("gate_mass_budget", 5, 0, 16, 4, torch.bfloat16),
+    ("opportunistic", 0, 2, 16, 4, torch.float32),
+])
+def test_inductor_generated_selection_equals_the_eager_op(policy, expert_budget, keep_top, num_experts, k, dtype):
+    """One compiled function per (policy, E, k, dtype), dynamic in T, checked on many generated
+    batches (their ties and -inf masks included)."""
 
     def select(scores, logits, live):
-        return selection.batch_select(scores, logits, k, 3.0, 2, 1 / 3, selection.NO_DECODE_BOUND, live)
+        return selection.batch_select(scores, logits, k, 3.0, 2, 1 / 3, selection.NO_DECODE_BOUND, live,
+                                      policy, expert_budget, keep_top)
 
     compiled = torch.compile(select, dynamic=True)
 
-    @settings(max_examples=60, **SETTINGS)
-    @given(batches(max_tokens=64, dead=False, num_experts=num_experts, k=k, dtype=dtype))
+    @settings(max_examples=50, **SETTINGS)
+    @given(batches(max_tokens=64, dead=False, num_experts=num_experts, k=k, dtype=dtype, policy=policy))
     def check(batch):
         scores, logits = batch.scores, batch.logits
         live = torch.arange(scores.shape[0]) % 3 != 0

@@ -1,0 +1,75 @@
+"""AffinityBinning: keep the experts the batch's tokens prefer, binned by affinity gap.
+
+Source: Gupta et al., "Lynx: Enabling Efficient MoE Inference through Dynamic Batch-Aware
+Expert Selection", arXiv 2411.08982 (v3), section 4 "AffinityBinning".
+
+Keeps (the surviving set, shared by every token):
+  1. gap[t, e]    = z[t, e] - max_e' z[t, e']            router-logit gap, <= 0
+  2. bin[t, e]    = -min(floor(alpha * |gap|), beta)    0 = within 1/alpha of the top-1
+  3. score[e]     = sum_t V ** bin[t, e]                V voters; a bin-0 vote counts 1, each
+     bin down 1/V; rank experts by score, ties by summed per-token rank (router evidence).
+     Computed exactly, as a lexicographic order on integer vote counts per bin.
+  4. the shortest prefix of that ranking such that, for every voter,
+       - it holds k of the voter's eligible experts (so no voter needs an expert outside it;
+         with group-limited routers this is what makes the set shrink at all),
+       - it holds one of the voter's bin-0 experts (as good as its top-1, within one bin),
+       - it holds the voter's top-1 if the voter is confident (second choice trails by more
+         than confidence_gap logits).
+
+Parameters: alpha > 0 (bin sharpness), beta >= 1 (bins below bin 0), confidence_gap >= 0
+(logits). Defaults from the layer's sparsity k/E (`config.default_alpha_beta`).
+
+Invariants (beyond the shared contract): every voter keeps an expert of its bin 0; confident
+voters keep their top-1; the set never depends on non-voting rows or on float rounding order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import PreferenceFn, confident_voters, token_ranks
+
+NAME = "affinity_binning"
+PARAMETERS = ("alpha", "beta", "confidence_gap")
+
+
+def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int, alpha: float, beta: int,
+                confidence_gap: float) -> PreferenceFn:
+    """The surviving-set rule (steps 1-4 above) for router outputs scores, logits (T, E)."""
+
+    def survivors(eligible: torch.Tensor, voters: torch.Tensor, token_order: torch.Tensor) -> torch.Tensor:
+        # (T, E) bool, (T,) bool, (T, E) int64 -> (E,) bool
+        num_experts = scores.shape[1]
+        voting = eligible & voters.unsqueeze(1)  # (T, E)
+        z = logits.float().masked_fill(~voting, float("-inf"))  # (T, E); non-voters: all -inf
+        gap = z - z.amax(dim=-1, keepdim=True)  # (T, E) <= 0 where voting
+        bins = -torch.clamp(torch.floor(-alpha * gap), max=beta)
+        bins = bins.masked_fill(~voting, -beta)  # (T, E) in [-beta, 0]
+
+        # Step 3, exactly: rank experts lexicographically by their count of bin-0 votes, then of
+        # bin -1 votes, ..., then by summed per-token rank (the router's own evidence, lower is
+        # better). This is the order sum_t V ** bin[t, e] gives whenever one bin-0 vote outweighs
+        # all V votes a bin lower, computed on integers: no float sum whose rounding (and so the
+        # order of near-ties) would depend on the reduction order, eager or Inductor, CPU or GPU.
+        level = (-bins).to(torch.int64)  # (T, E) in [0, beta]
+        token_rank = token_ranks(token_order)  # (T, E)
+        ranking = torch.sort(torch.where(voting, token_rank, 0).sum(dim=0), stable=True).indices  # (E,)
+        for bin_level in reversed(range(beta + 1)):  # least significant key first; stable sorts
+            votes = (voting & (level == bin_level)).sum(dim=0)  # (E,) int64
+            ranking = ranking[torch.sort(votes[ranking], descending=True, stable=True).indices]
+        positions = torch.arange(num_experts, device=scores.device)
+        rank_of = torch.empty_like(ranking).scatter_(0, ranking, positions)  # (E,)
+
+        # Step 4: the last rank each voter needs, then the shortest prefix covering all of them.
+        eligible_ranks = torch.where(eligible, rank_of, num_experts)  # (T, E)
+        kth_eligible_rank = torch.topk(eligible_ranks, k, dim=-1, largest=False, sorted=True).values[:, -1]
+        best_bin0_rank = torch.where(voting & (bins == 0), rank_of, num_experts).amin(dim=-1)  # (T,)
+        confident = confident_voters(logits, eligible, voters, confidence_gap)  # (T,)
+        top1_rank = rank_of[scores.argmax(dim=-1)]  # (T,)
+        needed = torch.maximum(torch.maximum(kth_eligible_rank, best_bin0_rank),
+                               torch.where(confident, top1_rank, -1))  # (T,)
+        needed = torch.where(voters, needed, -1)
+        keep = torch.cat([needed, needed.new_full((1,), k - 1)]).amax() + 1  # () >= k; T = 0 safe
+        return rank_of < keep
+
+    return survivors

@@ -1,0 +1,77 @@
+"""`lynx-compile eval` comparing policies and a plan on a tiny slice of the coarse checkpoint:
+fidelity to Inductor (KL, top-1 agreement), the Pareto plot and the README table."""
+
+import json
+
+import pytest
+
+from lynx_compile.eval import harness, report
+from lynx_compile.eval.__main__ import main as eval_main
+
+BATCH = 4
+PROBLEMS = 4 * 16  # code-token: 4 windows of 16 decode steps, one decode batch of B=4
+
+PLAN = {"sites": {"model.layers.0.mlp.gate": {"policy": "gate_mass_budget", "params": {"expert_budget": 2}},
+                  "model.layers.1.mlp.gate": {"policy": "opportunistic", "params": {"keep_top": 1}},
+                  "model.layers.2.mlp.gate": {"policy": "affinity_binning", "params": {"alpha": 0.35}}}}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("comparison")
+    plan = out / "plan.json"
+    plan.write_text(json.dumps(PLAN))
+    [result] = eval_main(["--checkpoint", "coarse", "--task", "code-token", "--batch-sizes", str(BATCH),
+                          "--problems", str(PROBLEMS), "--policies", "none", f"plan:{plan}", "--record-batches", "1",
+                          "--no-progress", "--out", str(out)])
+    return result, out, plan
+
+
+def rows_by_variant(result):
+    return {row["variant"]: row for row in result["rows"]}
+
+
+def test_policy_none_is_exactly_inductor(compared):
+    result, _, _ = compared
+    none = rows_by_variant(result)["lynx:none"]
+    assert none["kl_mean_vs_inductor"] == 0.0 and none["kl_p99_vs_inductor"] == 0.0
+    assert none["top1_agreement_vs_inductor"] == 1.0
+    assert none["changed_vs_inductor"] == 0 and none["problems"] == PROBLEMS
+
+
+def test_the_plan_is_measured_like_any_variant(compared):
+    result, _, plan = compared
+    row = rows_by_variant(result)[f"lynx:plan:{plan}"]
+    assert row["policy"] == "plan"
+    assert row["kl_mean_vs_inductor"] >= 0.0 and row["kl_p99_vs_inductor"] >= 0.0
+    assert 0.0 <= row["top1_agreement_vs_inductor"] <= 1.0
+    # agreement and 'changed' count the same thing: predictions that differ from Inductor's
+    assert row["top1_agreement_vs_inductor"] == pytest.approx(1 - row["changed_vs_inductor"] / row["problems"])
+    layers = row["experts_by_layer"]
+    assert layers["model.layers.3.mlp.gate"][0] == layers["model.layers.3.mlp.gate"][1]  # not in the plan: none
+    assert any(after < before for before, after in layers.values())
+
+
+def test_the_pareto_plot_and_table(compared):
+    result, out, plan = compared
+    assert (out / "eval_coarse_pareto.png").stat().st_size > 0
+    [points] = report.comparison_points(result).values()
+    assert [p["variant"] for p in points] == ["inductor", "lynx:none", f"lynx:plan:{plan}"]
+    inductor, none, _ = points
+    assert inductor["front"] and inductor["experts"] == none["experts"]
+    table = report.comparison_markdown(result)
+    assert table.count(f"| {BATCH} |") == 3 and "| lynx:none |" in table
+
+
+def test_variant_specs_are_parsed_and_validated():
+    variant = harness.parse_variant("gate_mass_budget:expert_budget=4")
+    assert variant.options == {"policy": "gate_mass_budget", "expert_budget": 4}
+    assert harness.parse_variant("gate_mass_budget:expert_budget=0.5").options["expert_budget"] == 0.5
+    assert harness.parse_variant("opportunistic:keep_top=1").name == "lynx:opportunistic:keep_top=1"
+    for bad, message in (("greedy", "option 'policy' got 'greedy'"), ("plan:", "expected plan:<path"),
+                         ("opportunistic:alpha=1", "is a parameter of policy 'affinity_binning'"),
+                         ("plan:/no/such/plan.json", "cannot read plan file")):
+        with pytest.raises(ValueError, match=message):
+            harness.parse_variant(bad)
+    with pytest.raises(SystemExit):
+        eval_main(["--policies", "opportunistic:keep_top=zero"])
