@@ -35,7 +35,7 @@ import lynx_compile
 from lynx_compile import machine
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_moe import save_results, spread_routers, time_call  # noqa: E402
+from bench_moe import RESULTS, save_results, spread_routers, time_call  # noqa: E402
 
 CACHE_TOKENS = 256
 LAYERS, HIDDEN = 4, 1024
@@ -138,6 +138,24 @@ def fit(rows) -> dict:
     return {"ms_per_expert": slope, "intercept_ms": intercept, "r2": r2, "points": len(points)}
 
 
+def markdown(rows, info, fits) -> str:
+    lines = [f"Machine: {info['cpu_features']}, {info['cores']} cores, kernel path `{info['lynx_cpu_kernel']}`, "
+             f"read bandwidth {info['read_bandwidth_gbs']} GB/s, torch {info['torch']}, transformers {info['transformers']}."]
+    header = ["B", "Inductor grouped_mm", "Inductor batched_mm", "lynx none+fused", "lynx binning+fused",
+              "experts/step top-k -> binning"]
+    for case, line in fits.items():
+        lines += ["", f"**{case}** (ms per decode step; speedup vs the faster default-Inductor row)", "",
+                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for r in (r for r in rows if r["case"] == case):
+            lines.append(f"| {r['batch']} | {r['inductor:grouped_mm_ms']:.1f} | {r['inductor:batched_mm_ms']:.1f} | "
+                         f"{r['lynx:none+fused_ms']:.1f} ({r['lynx:none+fused_speedup']:.2f}x) | "
+                         f"{r['lynx:binning+fused_ms']:.1f} ({r['lynx:binning+fused_speedup']:.2f}x) | "
+                         f"{r['plain_experts']:.0f} -> {r['lynx:binning+fused_experts']:.0f} |")
+        lines += ["", f"Fit over the lynx rows: {line['ms_per_expert']:.3f} ms per expert read per step + "
+                      f"{line['intercept_ms']:.1f} ms (R² {line['r2']:.3f}, {line['points']} points)."]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -187,6 +205,7 @@ def main():
     for case, line in fits.items():
         print(f"{case}: {line['ms_per_expert']:.3f} ms per expert read + {line['intercept_ms']:.2f} ms, R² {line['r2']:.3f}")
     save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
+    (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from lynx_compile import machine
 from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_moe import mixtral_block, save_results, time_call  # noqa: E402
+from bench_moe import RESULTS, mixtral_block, save_results, time_call  # noqa: E402
 
 SKEW_LOGITS = 2.0  # how far the shared component raises the favoured experts' logits
 FAVOURED = (0, 1, 2)
@@ -164,6 +164,32 @@ def format_row(row, variants):
     return " ".join(cells)
 
 
+def markdown(rows, info) -> str:
+    """The README's tables: per block, every variant (ms and speedup) plus (a) and (b)."""
+    lines = [f"Machine: {info['cpu_features']}, {info['cores']} cores, kernel path `{info['lynx_cpu_kernel']}`, "
+             f"read bandwidth {info['read_bandwidth_gbs']} GB/s, torch {info['torch']}, transformers {info['transformers']}."]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        case_rows = [r for r in rows if r["case"] == case]
+        variants = [v for v in VARIANTS if f"{v}_ms" in case_rows[0]]
+        header = ["B", *variants, "experts top-k -> binning", "(b) time ratio none/binning", "(a) op ms",
+                  "(a) op % of bandwidth", "grouped_mm alone ms", "bandwidth limit ms"]
+        lines += ["", f"**{case}**", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for r in case_rows:
+            cells = [str(r["batch"])]
+            for v in variants:
+                mark = "" if r.get(f"{v}_ran_fused_op", True) else " (not fused!)"
+                cells.append(f"{r[f'{v}_ms']:.1f} ({r[f'{v}_speedup']:.2f}x){mark}")
+            cells.append(f"{r['experts_before']:.1f} -> {r['experts_after']:.1f}")
+            cells.append(f"{r['selection_time_ratio']:.2f}x for {r['selection_experts_ratio']:.2f}x")
+            if "op_ms" in r:
+                cells += [f"{r['op_ms']:.2f}", f"{r['op_bandwidth_fraction']:.0%}", f"{r['library_grouped_mm_ms']:.2f}",
+                          f"{r['bandwidth_limit_ms']:.2f}"]
+            else:
+                cells += ["-"] * 4
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -215,6 +241,7 @@ def main():
         torch._dynamo.reset()
 
     save_results("bench_experts", info, rows, plot)
+    (RESULTS / "bench_experts.md").write_text(markdown(rows, info))
 
 
 if __name__ == "__main__":

@@ -147,9 +147,10 @@ class PassOnlyBackend:
 
 TOPK = "aten.topk.default"
 BATCH_SELECT = "lynx.batch_select.default"
-# The lowered selection body's own small top-ks: the plain top-k, each token's k-th eligible rank,
-# the top-2 logits (confidence), and the k smallest sort keys of the voters' and dead rows' remap.
-TOPKS_IN_SELECTION = 5
+# The lowered selection body's own small top-ks (AffinityBinning, no dead-row mask): the plain
+# top-k, each token's k-th eligible rank, the top-2 logits (confidence), the k smallest sort keys
+# of the remap. With pad_token_id set, the dead rows' remap adds one.
+TOPKS_IN_SELECTION = 4
 
 
 # --- hand-written modules ---------------------------------------------------------------------

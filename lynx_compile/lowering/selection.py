@@ -110,6 +110,9 @@ def select_experts(scores: torch.Tensor, logits: torch.Tensor, k: int, preferenc
     grows = experts_used(picked, voters, num_experts).sum() > experts_used(plain_indices, voters, num_experts).sum()
     voter_indices = torch.where(grows, plain_indices, picked)
 
+    if live is None:  # every usable row votes; the rest take their plain top-k
+        indices = torch.where(voters.unsqueeze(1), voter_indices, plain_indices)
+        return scores.gather(1, indices), indices
     loaded = experts_used(voter_indices, voters, num_experts)  # (E,)
     dead_indices = _pick(scores, token_order, [loaded & eligible, eligible], k)
     indices = torch.where(voters.unsqueeze(1), voter_indices,

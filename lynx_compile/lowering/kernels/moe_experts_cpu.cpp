@@ -54,6 +54,9 @@
 #ifndef LYNX_GENERIC
 #define LYNX_GENERIC 0
 #endif
+#ifndef LYNX_R1
+#define LYNX_R1 12
+#endif
 #ifndef LYNX_PACK_MIN_ROWS
 #define LYNX_PACK_MIN_ROWS 6  // fewer tokens reuse a tile too little to pay for widening it (measured)
 #endif
@@ -227,7 +230,7 @@ void matmul_rows(const Weight& weight, int64_t e, int64_t n0, int64_t n1, const 
   const W* w = static_cast<const W*>(weight.base) + e * weight.se + n0 * weight.sn;
   const int64_t count = n1 - n0;
   if (weight.sk == 1) {
-    if (rows == 1) return dot_all<W, 12, 1>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
+    if (rows == 1) return dot_all<W, LYNX_R1, 1>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
     if (rows == 2) return dot_all<W, 6, 2>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
     if (sizeof(W) == 4 || rows < LYNX_PACK_MIN_ROWS) {  // fp32: nothing to widen; few tokens: little reuse
       return dot_all<W, 4, 3>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
