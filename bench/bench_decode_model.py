@@ -24,6 +24,7 @@ Writes bench/results/bench_decode_model.json and .png.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -127,15 +128,24 @@ def run_model(shape: str, batches, repeats) -> list[dict]:
 
 
 def fit(rows) -> dict:
-    """Least squares: step ms = ms_per_expert * experts read per step + intercept (lynx rows)."""
-    points = [(row[f"{v}_experts"], row[f"{v}_ms"]) for row in rows for v in ("lynx:none+fused", "lynx:binning+fused")]
-    x = torch.tensor([p[0] for p in points], dtype=torch.float64)
-    y = torch.tensor([p[1] for p in points], dtype=torch.float64)
-    design = torch.stack([x, torch.ones_like(x)], dim=1)
-    (slope, intercept) = torch.linalg.lstsq(design, y).solution.tolist()
-    residual = y - design @ torch.tensor([slope, intercept], dtype=torch.float64)
-    r2 = 1 - float((residual ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-12))
-    return {"ms_per_expert": slope, "intercept_ms": intercept, "r2": r2, "points": len(points)}
+    """Least squares over the lynx rows of one model:
+      experts only:        step ms = ms_per_expert * experts read per step + intercept
+      experts and tokens:  step ms = ms_per_expert * experts + ms_per_token * B + intercept
+    The second separates bytes (experts read) from work that grows with the batch (attention,
+    projections, and every token's k experts' FLOPs)."""
+    points = [(row[f"{v}_experts"], row["batch"], row[f"{v}_ms"]) for row in rows
+              for v in ("lynx:none+fused", "lynx:binning+fused")]
+    experts, tokens, ms = (torch.tensor(column, dtype=torch.float64) for column in zip(*points))
+    result = {"points": len(points)}
+    for name, columns in (("experts", [experts]), ("experts_tokens", [experts, tokens])):
+        design = torch.stack([*columns, torch.ones_like(ms)], dim=1)
+        coefficients = torch.linalg.lstsq(design, ms).solution
+        residual = ms - design @ coefficients
+        r2 = 1 - float((residual ** 2).sum() / ((ms - ms.mean()) ** 2).sum().clamp_min(1e-12))
+        result[name] = {"ms_per_expert": float(coefficients[0]), "intercept_ms": float(coefficients[-1]), "r2": r2}
+        if name == "experts_tokens":
+            result[name]["ms_per_token"] = float(coefficients[1])
+    return result
 
 
 def markdown(rows, info, fits) -> str:
@@ -151,8 +161,11 @@ def markdown(rows, info, fits) -> str:
                          f"{r['lynx:none+fused_ms']:.1f} ({r['lynx:none+fused_speedup']:.2f}x) | "
                          f"{r['lynx:binning+fused_ms']:.1f} ({r['lynx:binning+fused_speedup']:.2f}x) | "
                          f"{r['plain_experts']:.0f} -> {r['lynx:binning+fused_experts']:.0f} |")
-        lines += ["", f"Fit over the lynx rows: {line['ms_per_expert']:.3f} ms per expert read per step + "
-                      f"{line['intercept_ms']:.1f} ms (R² {line['r2']:.3f}, {line['points']} points)."]
+        only, both = line["experts"], line["experts_tokens"]
+        lines += ["", f"Least-squares fits over the {line['points']} lynx rows: step = {only['ms_per_expert']:.2f} ms per "
+                      f"expert read + {only['intercept_ms']:.1f} ms (R² {only['r2']:.2f}); step = "
+                      f"{both['ms_per_expert']:.2f} ms per expert + {both['ms_per_token']:.2f} ms per token "
+                      f"+ {both['intercept_ms']:.1f} ms (R² {both['r2']:.2f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +190,7 @@ def plot(rows, path):
         for variant in ("lynx:none+fused", "lynx:binning+fused"):
             axis.scatter([r[f"{variant}_experts"] for r in case_rows], [r[f"{variant}_ms"] for r in case_rows],
                          label=variant)
-        line = fit(case_rows)
+        line = fit(case_rows)["experts"]
         xs = torch.linspace(0, max(r["plain_experts"] for r in case_rows), 20)
         axis.plot(xs, line["ms_per_expert"] * xs + line["intercept_ms"], "k--",
                   label=f"fit: {line['ms_per_expert']:.2f} ms/expert + {line['intercept_ms']:.1f} ms (R² {line['r2']:.2f})")
@@ -194,7 +207,15 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="+", default=["qwen3-moe-shaped", "mixtral-shaped"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--from-json", action="store_true", help="redraw the table and plot from the last run")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads((RESULTS / "bench_decode_model.json").read_text())
+        info, rows = saved["machine"], saved["rows"]
+        fits = {case: fit([r for r in rows if r["case"] == case]) for case in dict.fromkeys(r["case"] for r in rows)}
+        save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
+        (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
+        return
     batches = args.batch_sizes or ((1, 16) if args.quick else (1, 4, 8, 16, 32, 64))
     info = machine.describe()
     print(f"machine: {info}")
@@ -203,7 +224,7 @@ def main():
         rows += run_model(shape, batches, repeats=5)
     fits = {case: fit([r for r in rows if r["case"] == case]) for case in args.models}
     for case, line in fits.items():
-        print(f"{case}: {line['ms_per_expert']:.3f} ms per expert read + {line['intercept_ms']:.2f} ms, R² {line['r2']:.3f}")
+        print(case, line)
     save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
     (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
 

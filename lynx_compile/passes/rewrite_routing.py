@@ -95,17 +95,8 @@ def _rewrite(graph: Graph, site: RoutingSite, live: Node | None) -> None:
             batch_select,
             (scores, site.logits, site.top_k, op["alpha"], op["beta"], op["confidence_gap"], bound, live,
              op["policy"], op["expert_budget"], op["keep_top"]))
-    new.meta.update({k: v for k, v in topk.meta.items() if k != "val"})
-    new.meta["val"] = _fake_outputs(scores, site.top_k)
     new.meta["lynx_site"] = (site.label, site.router_weight)
-
-    for index, getitem in fm.getitem_users(topk).items():
-        with graph.inserting_before(getitem):
-            replacement = graph.call_function(operator.getitem, (new, index))
-        replacement.meta.update(getitem.meta)
-        getitem.replace_all_uses_with(replacement)
-        graph.erase_node(getitem)
-    graph.erase_node(topk)
+    _replace_topk(graph, topk, new, site.top_k)
 
 
 def _rewrite_switchable(graph: Graph, site: RoutingSite, live: Node | None) -> None:
@@ -115,9 +106,14 @@ def _rewrite_switchable(graph: Graph, site: RoutingSite, live: Node | None) -> N
     with graph.inserting_before(topk):
         new = graph.call_function(switch_select, (topk.args[0], site.logits, site.top_k, _decode_bound(site), live,
                                                   site.router_weight, site.label))
-    new.meta.update({k: v for k, v in topk.meta.items() if k != "val"})
-    new.meta["val"] = _fake_outputs(topk.args[0], site.top_k)
     site.reason += "; switchable (calibration)"
+    _replace_topk(graph, topk, new, site.top_k)
+
+
+def _replace_topk(graph: Graph, topk: Node, new: Node, k: int) -> None:
+    """Make `new` (a node returning (values, indices) like the top-k) take the top-k's place."""
+    new.meta.update({key: value for key, value in topk.meta.items() if key != "val"})
+    new.meta["val"] = _fake_outputs(topk.args[0], k)
     for index, getitem in fm.getitem_users(topk).items():
         with graph.inserting_before(getitem):
             replacement = graph.call_function(operator.getitem, (new, index))
