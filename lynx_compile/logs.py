@@ -57,14 +57,13 @@ def wants_graphs() -> bool:
 
 def _tracing() -> bool:
     """A structured trace (TORCH_TRACE) is being written: torch's lazy trace handler has a
-    directory or an open stream, or another handler is attached."""
+    directory or an open stream. Other handlers on the trace logger do not count: pytest's log
+    capture attaches its own to every logger, and they would make every compile keep graph text."""
     from torch._logging import _internal
 
     lazy = getattr(_internal, "LOG_TRACE_HANDLER", None)
-    for handler in _internal.trace_log.handlers:
-        if handler is not lazy or getattr(lazy, "root_dir", None) is not None or getattr(lazy, "stream", None):
-            return True
-    return False
+    return lazy is not None and lazy in _internal.trace_log.handlers and (
+        getattr(lazy, "root_dir", None) is not None or getattr(lazy, "stream", None) is not None)
 
 
 def emit(sites: list, before: str, after_rewrite: str, lowered: str, describe: Callable[[object], dict]) -> None:
