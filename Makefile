@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench eval calibrate clean
+.PHONY: setup test test-all demo bench eval calibrate clean
 
 setup: $(STAMP)
 
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench,eval]'
 	touch $(STAMP)
 
+# Two workers (pytest-xdist), one test file each at a time so module fixtures compile once:
+# most of the suite is cold torch.compile, and one process leaves the second core idle.
+# `test` skips the tests marked slow (longer variants of checks it already makes); `test-all`
+# runs them too, with the property tests at 10,000 generated batches.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-all: $(STAMP)
+	LYNX_THOROUGH=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

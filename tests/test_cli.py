@@ -33,6 +33,7 @@ def test_explain_prints_the_table_of_a_real_decode_step(checkpoint, capsys):
     assert "rows fed token 1 do not vote" in out
 
 
+@pytest.mark.slow  # plan entries in explain: also tests/calibration/test_calibrate.py
 def test_explain_shows_the_plan_entry_of_each_site(checkpoint, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"sites": {"model.layers.1.mlp.gate": {"policy": "opportunistic",
@@ -56,6 +57,7 @@ def test_cli_errors_name_the_problem(checkpoint, capsys):
         parse_budget("kl")
 
 
+@pytest.mark.slow  # calibrate() itself: tests/calibration/test_calibrate.py
 def test_calibrate_writes_a_plan_that_loads(checkpoint, tmp_path, capsys):
     out = tmp_path / "plan.json"
     main(["calibrate", "--checkpoint", str(checkpoint), "--budget", "top1_agreement=0.9", "--batches", "1",

@@ -30,8 +30,10 @@ def test_record_counts_experts_before_and_after_per_call():
 def test_record_names_layers_and_marks_prefill_with_eager_experts():
     # transformers' `eager` experts graph-break inside the block, so one compiled graph serves both
     # layers; passing the model names each call after the router weight it used.
-    model = tiny_model("mixtral", num_layers=2, experts_impl="eager")
-    compiled = torch.compile(model, backend="lynx")
+    # 4 experts and no Inductor codegen (the pass and its recording variant run eagerly): the
+    # loop compiles a graph per expert it visits.
+    model = tiny_model("mixtral", num_layers=2, experts_impl="eager", num_local_experts=4)
+    compiled = torch.compile(model, backend=PassOnlyBackend(record=True))
     with torch.no_grad(), lynx_compile.record(model) as rec:
         compiled(**decode_step(model, 8))
         compiled(torch.randint(3, 90, (2, 5)))
@@ -48,12 +50,12 @@ def test_group_limited_routing_is_reduced_like_any_other():
     """DeepSeek-V3's group limit (E=8, k=2, 2 groups, each token confined to 1): the surviving set
     must hold k eligible experts for every token, or tokens fall back to their own experts and
     refill the union (it stayed 8 of 8 before the fix)."""
-    model = tiny_model("deepseek_v3", num_layers=2, router_std=0.05, n_routed_experts=8, num_experts_per_tok=2,
+    model = tiny_model("deepseek_v3", num_layers=1, router_std=0.05, n_routed_experts=8, num_experts_per_tok=2,
                        n_group=2, topk_group=1)
     compiled = torch.compile(model, backend="lynx")
     with torch.no_grad(), lynx_compile.record(model) as rec:
         logits = compiled(**decode_step(model, 32)).logits
-    assert torch.isfinite(logits).all()
+    assert torch.isfinite(logits).all() and rec.calls
     for site, calls in rec.calls.items():
         [call] = calls
         assert call.decode and call.experts_before == 8
@@ -64,7 +66,7 @@ def test_generate_over_many_batch_sizes_compiles_no_more_graphs_and_keeps_select
     """generate() at B = 1..64: Dynamo makes the batch dynamic by the second size; lynx must add no
     guard of its own (same graph count as without selection), and the graph compiled from small
     batches must still select at B=48."""
-    batch_sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    batch_sizes = (1, 2, 3, 5, 8, 16, 33, 48, 64)
     prompt = torch.randint(3, 90, (64, 4), generator=torch.Generator().manual_seed(0))
     graphs, recorders = {}, {}
     for policy in ("none", "affinity_binning"):

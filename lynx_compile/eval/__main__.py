@@ -2,6 +2,7 @@
 
     lynx-compile eval                                   # both shipped checkpoints, all tasks
     lynx-compile eval --checkpoint coarse --task arith --batch-sizes 1 16 --problems 100
+    lynx-compile eval --checkpoint coarse --task arith code-token --problems arith=100 code-token=512
     lynx-compile eval --checkpoint path/to/hf/moe/checkpoint
     lynx-compile eval --task code-token --batch-sizes 16 32 --policies none affinity_binning \
         gate_mass_budget:expert_budget=4 opportunistic:keep_top=1 plan:plan_coarse.json
@@ -35,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
                    help="lynx variants: POLICY (none, affinity_binning, gate_mass_budget, opportunistic), "
                         "POLICY:key=value[,key=value] (e.g. gate_mass_budget:expert_budget=4, "
                         "opportunistic:keep_top=1) or plan:PATH (a calibrated plan)")
-    p.add_argument("--problems", type=int, default=500, help="problems per task (code-token: predicted tokens)")
+    p.add_argument("--problems", nargs="+", default=["500"], metavar="N|TASK=N",
+                   help="problems per task (code-token: predicted tokens); N for every task or TASK=N per task "
+                        "(e.g. arith=100 code-token=512; a task not named takes 500)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype (float32 default: this CPU has no bf16 matrix units)")
     p.add_argument("--eager", action="store_true", help="also run the uncompiled model")
@@ -47,11 +50,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def problems_per_task(items: list[str], task_names: list[str], default: int = 500) -> dict[str, int]:
+    """["64"] -> 64 for every task; ["arith=4", "code-token=64"] -> per task. Raises ValueError
+    naming the item that is not a positive count or names a task not being run."""
+    counts = dict.fromkeys(task_names, default)
+    for item in items:
+        task, _, number = item.rpartition("=")
+        if task and task not in task_names:
+            raise ValueError(f"{item!r} names task {task!r}, which is not among --task {' '.join(task_names)}")
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"{item!r}: expected a positive count, N or TASK=N")
+        counts.update({task: int(number)} if task else dict.fromkeys(task_names, int(number)))
+    return counts
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cli = parser()
     args = cli.parse_args(argv)
-    if args.problems < 1:
-        cli.error(f"--problems must be positive, got {args.problems}")
+    try:
+        args.problems = problems_per_task(args.problems, args.task)
+    except ValueError as error:
+        cli.error(f"--problems: {error}")
     if min(args.batch_sizes) < 1:
         cli.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
     for checkpoint in args.checkpoint:

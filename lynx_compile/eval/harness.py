@@ -199,14 +199,17 @@ DYNAMO_LIMITS = dict(recompile_limit=64, fail_on_recompile_limit_hit=True)
 
 
 def evaluate(checkpoint: str, task_names: list[str], batch_sizes: list[int], policies: list[str],
-             problems: int, dtype: torch.dtype = torch.float32, eager: bool = False,
+             problems: int | dict[str, int], dtype: torch.dtype = torch.float32, eager: bool = False,
              record_batches: int = 2, show_progress: bool = True) -> dict:
-    """Run every variant x task x B on one checkpoint; returns the JSON-ready result."""
+    """Run every variant x task x B on one checkpoint; returns the JSON-ready result.
+    problems: per task (a dict) or one count for every task; code-token counts predicted tokens."""
     for task in task_names:
         if task not in tasks.TASKS:
             raise ValueError(f"unknown task {task!r}; tasks are {', '.join(tasks.TASKS)}")
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be positive, got {batch_sizes}")
+    if not isinstance(problems, dict):
+        problems = dict.fromkeys(task_names, problems)
     path = resolve_checkpoint(checkpoint)
     with torch._dynamo.config.patch(**DYNAMO_LIMITS):
         rows, model = _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype, eager,
@@ -228,9 +231,10 @@ def _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype,
         for task in task_names:
             for batch in batch_sizes:
                 steps = tasks.CODE_TOKEN_STEPS
-                total = -(-problems // steps) * steps if task == "code-token" else problems
+                count = problems[task]
+                total = -(-count // steps) * steps if task == "code-token" else count
                 progress = _progress(f"{path.name} {variant.name} {task} B={batch}", total, show_progress)
-                row, outs, oks, log_probs = run_task(model, tokenizer, task, batch, problems, variant,
+                row, outs, oks, log_probs = run_task(model, tokenizer, task, batch, count, variant,
                                                      record_batches, progress)
                 if progress is not None:
                     progress.close()

@@ -7,7 +7,11 @@ import torch
 
 from lynx_compile.eval import decode, harness, tasks
 from lynx_compile.eval.__main__ import main as eval_main
+from lynx_compile.eval.__main__ import problems_per_task
 
+# The arith run (generate(), ~2.5 min cold) is in `make test-all`; `make test` checks the same
+# variants on code-token in test_comparison.py.
+SLOW = pytest.mark.slow
 PROBLEMS = 4  # one batch: one prompt length, so each variant compiles the fewest graphs
 BATCH = 4
 
@@ -26,6 +30,7 @@ def rows_of(result, variant):
     return {row["task"]: row for row in result["rows"] if row["variant"] == variant}
 
 
+@SLOW
 def test_writes_json_and_plot(result):
     result, out = result
     assert json.loads((out / "eval_coarse.json").read_text())["rows"] == result["rows"]
@@ -33,6 +38,7 @@ def test_writes_json_and_plot(result):
     assert {row["variant"] for row in result["rows"]} == {"eager", "inductor", "lynx:none"}
 
 
+@SLOW
 def test_policy_none_matches_the_uncompiled_model(result):
     result, _ = result
     eager, none = rows_of(result, "eager"), rows_of(result, "lynx:none")
@@ -42,6 +48,7 @@ def test_policy_none_matches_the_uncompiled_model(result):
         assert none[task]["flipped_vs_eager"] == 0
 
 
+@SLOW
 def test_counts_experts_and_steps(result):
     result, _ = result
     for row in rows_of(result, "lynx:none").values():
@@ -52,6 +59,7 @@ def test_counts_experts_and_steps(result):
         assert row["changed_vs_inductor"] == 0 and "speedup_vs_inductor" in row
 
 
+@SLOW
 def test_the_uncompiled_model_is_not_recorded(result):
     result, _ = result
     assert all("experts_by_layer" not in row for row in rows_of(result, "inductor").values())
@@ -78,3 +86,14 @@ def test_bad_input_is_named():
     for bad in (["--problems", "0"], ["--batch-sizes", "16", "0"], ["--checkpoint", "no-such-checkpoint"]):
         with pytest.raises(SystemExit):
             eval_main(bad)
+
+
+def test_problems_are_given_per_task_or_for_all():
+    assert problems_per_task(["64"], ["arith", "code-token"]) == {"arith": 64, "code-token": 64}
+    assert problems_per_task(["arith=4"], ["arith", "code-token"]) == {"arith": 4, "code-token": 500}
+    for bad, message in ((["poetry=4"], "names task 'poetry'"), (["arith=0"], "positive count"),
+                         (["many"], "'many': expected a positive count")):
+        with pytest.raises(ValueError, match=message):
+            problems_per_task(bad, ["arith", "code-token"])
+    with pytest.raises(SystemExit):
+        eval_main(["--task", "arith", "--problems", "code-token=4"])
