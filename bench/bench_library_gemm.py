@@ -39,7 +39,8 @@ class Expert(torch.nn.Module):
 
     def __init__(self, w_gate, w_up, w_down):
         super().__init__()
-        self.w_gate, self.w_up, self.w_down = (torch.nn.Parameter(w, requires_grad=False) for w in (w_gate, w_up, w_down))
+        self.w_gate, self.w_up, self.w_down = (torch.nn.Parameter(w, requires_grad=False)
+                                               for w in (w_gate, w_up, w_down))
 
     def forward(self, x):
         return three_gemms(x, self.w_gate, self.w_up, self.w_down)
@@ -54,7 +55,8 @@ def main():
     info = machine.describe()
     print(f"machine: {info}")
     torch.manual_seed(0)
-    w_gate, w_up = (torch.randn(INTER, HIDDEN) * HIDDEN ** -0.5).bfloat16(), (torch.randn(INTER, HIDDEN) * HIDDEN ** -0.5).bfloat16()
+    w_gate = (torch.randn(INTER, HIDDEN) * HIDDEN ** -0.5).bfloat16()
+    w_up = (torch.randn(INTER, HIDDEN) * HIDDEN ** -0.5).bfloat16()
     w_down = (torch.randn(HIDDEN, INTER) * INTER ** -0.5).bfloat16()
     weight_bytes = 3 * HIDDEN * INTER * 2
     rows = []
@@ -77,7 +79,8 @@ def main():
             row.update({f"lynx_vs_{key[:-3]}": value / lynx_ms for key, value in list(row.items())
                         if key.endswith("_ms") and key != "lynx_ms"})
             rows.append(row)
-            print({key: round(value, 2) if isinstance(value, float) else value for key, value in row.items()}, flush=True)
+            print({key: round(value, 2) if isinstance(value, float) else value for key, value in row.items()},
+                  flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_library_gemm.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     (RESULTS / "bench_library_gemm.md").write_text(markdown(info, rows))

@@ -41,7 +41,10 @@ class CountingPass(CustomGraphPass):
         return "counting-pass"
 
 
-@pytest.mark.parametrize("as_list", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["single", "list"])
+SLOW = pytest.mark.slow  # `make test-all` only
+
+
+@pytest.mark.parametrize("as_list", [False, pytest.param(True, marks=SLOW)], ids=["single", "list"])
 def test_user_post_grad_passes_are_kept_and_lynx_appended(as_list):
     user_pass = CountingPass()
     existing = [user_pass] if as_list else user_pass
@@ -89,9 +92,6 @@ def test_policy_none_is_bit_identical_on_a_whole_bf16_model():
         torch._dynamo.reset()
         none = torch.compile(model, backend="lynx", options={"policy": "none"})(**decode_step(model, 8)).logits
     assert torch.equal(none, reference)
-
-
-SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("arch, experts_impl", [
