@@ -36,7 +36,7 @@ import lynx_compile
 from lynx_compile import machine
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_moe import RESULTS, save_results, spread_routers, time_call  # noqa: E402
+from bench_moe import RESULTS, machine_line, save_results, spread_routers, time_call  # noqa: E402
 
 CACHE_TOKENS = 256
 LAYERS, HIDDEN = 4, 1024
@@ -149,8 +149,7 @@ def fit(rows) -> dict:
 
 
 def markdown(rows, info, fits) -> str:
-    lines = [f"Machine: {info['cpu_features']}, {info['cores']} cores, kernel path `{info['lynx_cpu_kernel']}`, "
-             f"read bandwidth {info['read_bandwidth_gbs']} GB/s, torch {info['torch']}, transformers {info['transformers']}."]
+    lines = [machine_line(info)]
     header = ["B", "Inductor grouped_mm", "Inductor batched_mm", "lynx none+fused", "lynx binning+fused",
               "experts/step top-k -> binning"]
     for case, line in fits.items():
@@ -201,6 +200,15 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def write_results(info, rows) -> None:
+    """Fit each model's rows, then write bench_decode_model.json (machine + fits, rows), .png and .md."""
+    fits = {case: fit([r for r in rows if r["case"] == case]) for case in dict.fromkeys(r["case"] for r in rows)}
+    for case, line in fits.items():
+        print(case, line)
+    save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
+    (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
+
+
 def main():
     torch._dynamo.config.recompile_limit = 64
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -211,10 +219,7 @@ def main():
     args = parser.parse_args()
     if args.from_json:
         saved = json.loads((RESULTS / "bench_decode_model.json").read_text())
-        info, rows = saved["machine"], saved["rows"]
-        fits = {case: fit([r for r in rows if r["case"] == case]) for case in dict.fromkeys(r["case"] for r in rows)}
-        save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
-        (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
+        write_results(saved["machine"], saved["rows"])
         return
     batches = args.batch_sizes or ((1, 16) if args.quick else (1, 4, 8, 16, 32, 64))
     info = machine.describe()
@@ -222,11 +227,7 @@ def main():
     rows = []
     for shape in args.models:
         rows += run_model(shape, batches, repeats=5)
-    fits = {case: fit([r for r in rows if r["case"] == case]) for case in args.models}
-    for case, line in fits.items():
-        print(case, line)
-    save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
-    (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
+    write_results(info, rows)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from lynx_compile import machine
 from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_moe import RESULTS, mixtral_block, save_results, time_call  # noqa: E402
+from bench_moe import RESULTS, machine_line, mixtral_block, save_results, time_call  # noqa: E402
 
 SKEW_LOGITS = 2.0  # how far the shared component raises the favoured experts' logits
 FAVOURED = (0, 1, 2)
@@ -166,8 +166,7 @@ def format_row(row, variants):
 
 def markdown(rows, info) -> str:
     """The README's tables: per block, every variant (ms and speedup) plus (a) and (b)."""
-    lines = [f"Machine: {info['cpu_features']}, {info['cores']} cores, kernel path `{info['lynx_cpu_kernel']}`, "
-             f"read bandwidth {info['read_bandwidth_gbs']} GB/s, torch {info['torch']}, transformers {info['transformers']}."]
+    lines = [machine_line(info)]
     for case in dict.fromkeys(r["case"] for r in rows):
         case_rows = [r for r in rows if r["case"] == case]
         variants = [v for v in VARIANTS if f"{v}_ms" in case_rows[0]]

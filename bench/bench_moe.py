@@ -111,6 +111,13 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def machine_line(info) -> str:
+    """The machine, as the first line of a bench's markdown table (from lynx_compile.machine.describe())."""
+    return (f"Machine: {info['cpu_features']}, {info['cores']} cores, kernel path `{info['lynx_cpu_kernel']}`, "
+            f"read bandwidth {info['read_bandwidth_gbs']} GB/s, torch {info['torch']}, "
+            f"transformers {info['transformers']}.")
+
+
 def save_results(stem, info, rows, plot_rows):
     """bench/results/<stem>.json (machine + rows) and <stem>.png (drawn by `plot_rows`)."""
     RESULTS.mkdir(exist_ok=True)
