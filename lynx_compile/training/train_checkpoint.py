@@ -15,20 +15,34 @@ interpreter's stdlib ``.py`` files and generated arithmetic lines. The script
    step count instead, for an exactly repeatable schedule);
 3. saves model (bfloat16 weights) and tokenizer with ``save_pretrained``, reloads them, and
    writes ``training_report.json``: held-out losses, arithmetic and next-line exact match with
-   greedy decoding, and router statistics (expert load balance, experts touched by decode-like
-   batches of 16 tokens).
+   greedy decoding, router statistics (expert load balance, experts touched by decode-like
+   batches of 16 tokens), the learning curve and every leg so far.
+
+Training runs in legs (:mod:`lynx_compile.training.state`): the fp32 model and optimizer are saved
+to ``--state`` (default ``build/training/PRESET``) every ``--save-minutes``, on SIGINT/SIGTERM
+(the leg stops after its current step) and at the end of the leg. A later leg continues it::
+
+    python -m lynx_compile.training.train_checkpoint --preset coarse --out lynx_compile/checkpoints/coarse \
+        --minutes 60 --resume
+
+Each leg is one cosine cycle from ``--peak-lr`` (a warm restart). ``--init-from CHECKPOINT`` starts a
+new run from saved weights (e.g. a shipped checkpoint) with a fresh optimizer and schedule. An
+interrupted leg exports nothing; a finished one exports and evaluates.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
 import json
 import math
 import random
 import re
+import signal
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +52,8 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from lynx_compile.eval import corpora, decode, tasks
 from lynx_compile.eval.tasks import encode
+from lynx_compile.lowering.kernels.choice import cpu_features
+from lynx_compile.training import state
 
 CONTEXT = 256
 VOCAB_SIZE = 4096
@@ -51,6 +67,8 @@ ARITH_PROBLEMS_PER_SEQ = 48  # enough to fill CONTEXT: a line is at least 6 toke
 PEAK_LR = 2e-3
 FINAL_LR_FRACTION = 0.1
 WARMUP_STEPS = 100
+RESUME_WARMUP_STEPS = 25  # a resumed leg keeps Adam's moments: a short warmup is enough
+TRAIN_EXPERTS_IMPLEMENTATION = "grouped_mm"
 WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
 LOG_EVERY = 25
@@ -75,6 +93,7 @@ class Preset:
     description: str
     config_class: type
     moe_args: dict
+    backbone: dict = field(default_factory=dict)  # overrides of _BACKBONE
 
 
 PRESETS = {
@@ -85,6 +104,12 @@ PRESETS = {
                    transformers.Qwen3MoeConfig,
                    dict(num_experts=32, num_experts_per_tok=4, moe_intermediate_size=96,
                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])),
+    # Seconds per step: for tests and smoke runs of the training pipeline, not for shipping.
+    "tiny": Preset("tiny Mixtral-style MoE for tests: 2 layers, hidden 64, 4 experts (intermediate 64), top-2",
+                   transformers.MixtralConfig,
+                   dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+                   dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16)),
 }
 
 
@@ -139,31 +164,33 @@ def pack_arith(tokenizer, problems: list[tuple[str, str]]) -> tuple[list[int], l
 class TrainBatches:
     """Seeded training batches: random code windows plus packed arithmetic sequences."""
 
-    def __init__(self, tokenizer, seed: int):
+    def __init__(self, tokenizer, seed: int, code_seqs: int = CODE_SEQS_PER_BATCH,
+                 arith_seqs: int = ARITH_SEQS_PER_BATCH):
         self.tokenizer = tokenizer
+        self.code_seqs, self.arith_seqs = code_seqs, arith_seqs
         self.code = code_stream(tokenizer, "train")
         self.generator = torch.Generator().manual_seed(seed)
         self.arith = corpora.arith_stream("train", seed)
 
     def __next__(self) -> torch.Tensor:
-        starts = torch.randint(0, len(self.code) - CONTEXT, (CODE_SEQS_PER_BATCH,), generator=self.generator)
+        starts = torch.randint(0, len(self.code) - CONTEXT, (self.code_seqs,), generator=self.generator)
         code = [self.code[s:s + CONTEXT] for s in starts.tolist()]
         arith = [torch.tensor(pack_arith(self.tokenizer, [next(self.arith) for _ in range(ARITH_PROBLEMS_PER_SEQ)])[0])
-                 for _ in range(ARITH_SEQS_PER_BATCH)]
+                 for _ in range(self.arith_seqs)]
         return torch.stack(code + arith)
 
 
-def heldout_code_windows(tokenizer) -> torch.Tensor:
-    """``EVAL_CODE_WINDOWS`` non-overlapping windows spread evenly over the held-out code stream."""
+def heldout_code_windows(tokenizer, count: int = EVAL_CODE_WINDOWS) -> torch.Tensor:
+    """``count`` non-overlapping windows spread evenly over the held-out code stream."""
     stream = code_stream(tokenizer, "heldout")
-    count = min(EVAL_CODE_WINDOWS, len(stream) // CONTEXT)
+    count = min(count, len(stream) // CONTEXT)
     stride = len(stream) // count
     return torch.stack([stream[i * stride:i * stride + CONTEXT] for i in range(count)])
 
 
-def heldout_arith_sequences(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed held-out arithmetic sequences and their answer-token mask."""
-    problems = corpora.arith_problems("heldout", EVAL_ARITH_SEQS * ARITH_PROBLEMS_PER_SEQ, seed=1)
+def heldout_arith_sequences(tokenizer, count: int = EVAL_ARITH_SEQS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` packed held-out arithmetic sequences and their answer-token mask."""
+    problems = corpora.arith_problems("heldout", count * ARITH_PROBLEMS_PER_SEQ, seed=1)
     packed = [pack_arith(tokenizer, problems[i:i + ARITH_PROBLEMS_PER_SEQ])
               for i in range(0, len(problems), ARITH_PROBLEMS_PER_SEQ)]
     return torch.tensor([ids for ids, _ in packed]), torch.tensor([mask for _, mask in packed])
@@ -176,10 +203,10 @@ def build_config(preset: str, tokenizer) -> transformers.PreTrainedConfig:
     spec = PRESETS[preset]
     config = spec.config_class(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                               **_BACKBONE, **spec.moe_args)
+                               **{**_BACKBONE, **spec.backbone}, **spec.moe_args)
     # Measured on a 2-core CPU (fp32, training): grouped_mm ~1.1 s/step, eager ~2x slower,
     # batched_mm runs out of memory (it gathers one weight copy per token).
-    config._experts_implementation = "grouped_mm"
+    config._experts_implementation = TRAIN_EXPERTS_IMPLEMENTATION
     return config
 
 
@@ -208,11 +235,15 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_
     return torch.stack(losses).mean()
 
 
-def learning_rate(step: int, progress: float) -> float:
-    """Linear warmup over steps, then cosine from PEAK_LR to FINAL_LR_FRACTION * PEAK_LR over progress."""
-    warmup = min(1.0, (step + 1) / WARMUP_STEPS)
+def learning_rate(step: int, progress: float, peak_lr: float = PEAK_LR, warmup_steps: int = WARMUP_STEPS) -> float:
+    """Linear warmup over steps, then cosine from ``peak_lr`` to FINAL_LR_FRACTION * peak_lr over progress.
+
+    ``step`` and ``progress`` count within one leg: each leg is one warm restart (SGDR, Loshchilov &
+    Hutter 2017), so a leg's budget need not be known when the first leg starts.
+    """
+    warmup = min(1.0, (step + 1) / warmup_steps)
     cosine = FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return PEAK_LR * warmup * cosine
+    return peak_lr * warmup * cosine
 
 
 class ThreadTuner:
@@ -243,21 +274,41 @@ class ThreadTuner:
             torch.set_num_threads(min(self.choices, key=lambda n: statistics.median(self.times[n])))
 
 
-def train(model, batches: TrainBatches, minutes: float, steps: int | None, max_threads: int) -> dict:
-    """Train until the time budget (or the fixed step count) is used; return a summary."""
-    optimizer = make_optimizer(model)
-    threads = ThreadTuner(max_threads)
+@dataclass(frozen=True)
+class LegPlan:
+    """What one leg of training runs: its budget and its learning-rate cycle."""
+
+    minutes: float  # wall-clock budget of the training loop
+    steps: int | None  # a fixed step count instead (exactly repeatable), or None
+    peak_lr: float
+    warmup_steps: int
+    max_threads: int
+    save_every_minutes: float  # periodic saves, so a killed leg loses at most this much
+
+
+def train(model, optimizer, batches: TrainBatches, plan: LegPlan, progress: state.Progress, leg: dict,
+          save=lambda: None, should_stop=lambda: False) -> None:
+    """Run one leg: until its budget is used or ``should_stop()``; updates ``progress`` and ``leg``.
+
+    ``save()`` is called every ``plan.save_every_minutes``; the caller saves once more at the end.
+    """
+    threads = ThreadTuner(plan.max_threads)
     config = model.config
     num_experts = getattr(config, "num_local_experts", None) or config.num_experts
     model.train()
-    start, step, tokens, curve, recent = time.monotonic(), 0, 0, [], []
+    start = last_save = time.monotonic()
+    leg_steps, leg_tokens, recent = 0, 0, []
     while True:
         elapsed = time.monotonic() - start
-        progress = step / steps if steps else elapsed / (60 * minutes)
-        if progress >= 1.0:
+        fraction = leg_steps / plan.steps if plan.steps else elapsed / (60 * plan.minutes)
+        if fraction >= 1.0:
+            leg["status"] = "finished"
+            break
+        if should_stop():
+            leg["status"] = "interrupted"
             break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, progress)
+            group["lr"] = learning_rate(leg_steps, fraction, plan.peak_lr, plan.warmup_steps)
         step_start = time.monotonic()
         input_ids = next(batches)
         out = model(input_ids=input_ids, output_router_logits=True)
@@ -267,20 +318,22 @@ def train(model, batches: TrainBatches, minutes: float, steps: int | None, max_t
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step, tokens = step + 1, tokens + input_ids.numel()
+        leg_steps, leg_tokens = leg_steps + 1, leg_tokens + input_ids.numel()
+        progress.step, progress.tokens = progress.step + 1, progress.tokens + input_ids.numel()
         threads.record(time.monotonic() - step_start)
         recent.append(ce.item())
-        if step % LOG_EVERY == 0:
+        leg.update(steps=leg_steps, tokens=leg_tokens, minutes=round((time.monotonic() - start) / 60, 2),
+                   steps_by_threads={str(n): count for n, count in threads.steps.items()})
+        if progress.step % LOG_EVERY == 0:
             mean_ce = sum(recent) / len(recent)
-            curve.append([step, round(mean_ce, 4)])
+            progress.curve.append([progress.step, round(mean_ce, 4)])
             recent = []
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                  f"ce {mean_ce:.4f}  balance {aux.item():.3f}  {tokens / max(elapsed, 1e-9):.0f} tok/s  "
-                  f"{torch.get_num_threads()} threads", flush=True)
-    stride = max(1, len(curve) // 20)
-    return {"minutes": round((time.monotonic() - start) / 60, 2), "steps": step, "tokens_seen": tokens,
-            "final_train_ce": curve[-1][1] if curve else None, "train_ce_curve": curve[::stride],
-            "steps_by_threads": {str(n): count for n, count in threads.steps.items()}}
+            print(f"step {progress.step:6d}  leg {leg['leg']} {elapsed / 60:5.1f} min  "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}  ce {mean_ce:.4f}  balance {aux.item():.3f}  "
+                  f"{leg_tokens / max(elapsed, 1e-9):.0f} tok/s  {torch.get_num_threads()} threads", flush=True)
+        if time.monotonic() - last_save >= 60 * plan.save_every_minutes:
+            save()
+            last_save = time.monotonic()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -328,8 +381,8 @@ def router_stats(code_logits: list[torch.Tensor], arith_logits: list[torch.Tenso
             "layers": layers}
 
 
-def arith_exact_match(model, tokenizer) -> dict:
-    problems = tasks.arith_problems(tokenizer, ARITH_EVAL_PROBLEMS)
+def arith_exact_match(model, tokenizer, count: int = ARITH_EVAL_PROBLEMS) -> dict:
+    problems = tasks.arith_problems(tokenizer, count)
     outputs = decode.generate_lines(model, tokenizer, problems, batch=100, max_new_tokens=tasks.ARITH_MAX_NEW_TOKENS)
     by_op: dict[str, list[bool]] = {op: [] for op in corpora.ARITH_OPS}
     for problem, output in zip(problems, outputs):
@@ -340,26 +393,39 @@ def arith_exact_match(model, tokenizer) -> dict:
             "by_op": {op: round(sum(r) / len(r), 4) for op, r in by_op.items() if r}}
 
 
-def code_line_exact_match(model, tokenizer) -> dict:
-    problems = tasks.code_line_problems(tokenizer, CODE_LINE_PROBLEMS, CONTEXT, CODE_LINE_MAX_NEW_TOKENS)
+def code_line_exact_match(model, tokenizer, count: int = CODE_LINE_PROBLEMS) -> dict:
+    problems = tasks.code_line_problems(tokenizer, count, CONTEXT, CODE_LINE_MAX_NEW_TOKENS)
     outputs = decode.generate_lines(model, tokenizer, problems, batch=50, max_new_tokens=CODE_LINE_MAX_NEW_TOKENS)
     hits = sum(tasks.is_correct("code-line", output, problem.expected) for output, problem in zip(outputs, problems))
     return {"problems": len(problems), "exact_match": round(hits / len(problems), 4),
             "prompt_tokens_max": CONTEXT - CODE_LINE_MAX_NEW_TOKENS}
 
 
-def evaluate(model, tokenizer) -> dict:
+@dataclass(frozen=True)
+class EvalSizes:
+    """How much held-out data the end-of-leg evaluation reads."""
+
+    code_windows: int = EVAL_CODE_WINDOWS
+    arith_sequences: int = EVAL_ARITH_SEQS
+    arith_problems: int = ARITH_EVAL_PROBLEMS
+    code_line_problems: int = CODE_LINE_PROBLEMS
+
+
+QUICK_EVAL = EvalSizes(code_windows=16, arith_sequences=4, arith_problems=60, code_line_problems=20)
+
+
+def evaluate(model, tokenizer, sizes: EvalSizes = EvalSizes()) -> dict:
     model.eval()
-    code_losses, code_router = token_losses(model, heldout_code_windows(tokenizer))
-    arith_ids, answer_mask = heldout_arith_sequences(tokenizer)
+    code_losses, code_router = token_losses(model, heldout_code_windows(tokenizer, sizes.code_windows))
+    arith_ids, answer_mask = heldout_arith_sequences(tokenizer, sizes.arith_sequences)
     arith_losses, arith_router = token_losses(model, arith_ids)
     answer_losses = arith_losses[answer_mask[:, 1:]]
     return {
         "heldout_code_ce": round(code_losses.mean().item(), 4),
         "heldout_arith_ce_all_tokens": round(arith_losses.mean().item(), 4),
         "heldout_arith_ce_answer_tokens": round(answer_losses.mean().item(), 4),
-        "arith": arith_exact_match(model, tokenizer),
-        "code_line": code_line_exact_match(model, tokenizer),
+        "arith": arith_exact_match(model, tokenizer, sizes.arith_problems),
+        "code_line": code_line_exact_match(model, tokenizer, sizes.code_line_problems),
         "router": router_stats(code_router, arith_router, model.config.num_experts_per_tok),
     }
 
@@ -380,56 +446,193 @@ def config_summary(config) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=50.0, help="training-loop wall-clock budget")
-    parser.add_argument("--steps", type=int, default=None, help="fixed step count (overrides --minutes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="most intra-op threads (see ThreadTuner)")
-    args = parser.parse_args(argv)
+class StopOnSignal:
+    """While active, SIGINT/SIGTERM ask the training loop to stop at the next step (and save)."""
 
-    torch.set_num_threads(args.threads)
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _request(self, signum, frame):
+        print(f"{signal.Signals(signum).name}: stopping after this step and saving the state", flush=True)
+        self.requested = True
+
+
+def _shown(path: Path, placeholder: str) -> str:
+    """A path as a report may show it: relative paths as given, never this machine's absolute ones."""
+    return placeholder if path.is_absolute() else path.as_posix()
+
+
+def _leg_command(args, state_dir: Path) -> str:
+    parts = [f"python -m lynx_compile.training.train_checkpoint --preset {args.preset} "
+             f"--out {_shown(args.out, 'OUT')} --state {_shown(state_dir, 'STATE')}"]
+    parts.append(f"--steps {args.steps}" if args.steps else f"--minutes {args.minutes:g}")
+    if args.resume:
+        parts.append("--resume")
+    if args.init_from:
+        parts.append(f"--init-from {_shown(args.init_from, 'CHECKPOINT')}")
+    if args.tokenizer:
+        parts.append(f"--tokenizer {_shown(args.tokenizer, 'TOKENIZER')}")
+    parts.append(f"--seed {args.seed} --peak-lr {args.peak_lr:g} --code-seqs {args.code_seqs} "
+                 f"--arith-seqs {args.arith_seqs}")
+    if args.quick_eval:
+        parts.append("--quick-eval")
+    return " ".join(parts)
+
+
+def _start(args, parser) -> tuple:
+    """Model, tokenizer, optimizer and progress for this leg: resumed, from a checkpoint, or new."""
+    if args.resume:
+        if not state.exists(args.state):
+            parser.error(f"--resume: no training state in --state {args.state}; start a first leg without "
+                         "--resume, or pass the --state of an earlier run")
+        model, tokenizer, optimizer_state, progress = state.load(args.state, TRAIN_EXPERTS_IMPLEMENTATION)
+        if progress.preset != args.preset:
+            parser.error(f"--state {args.state} holds a {progress.preset!r} run, not --preset {args.preset!r}")
+        optimizer = make_optimizer(model)
+        optimizer.load_state_dict(optimizer_state)
+        return model, tokenizer, optimizer, progress, f"resumed at step {progress.step}", RESUME_WARMUP_STEPS
+    if state.exists(args.state):
+        parser.error(f"--state {args.state} already holds a training run: pass --resume to continue it, "
+                     "or another --state to start a new one (nothing was overwritten)")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.init_from:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.init_from)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.init_from, dtype=torch.float32, experts_implementation=TRAIN_EXPERTS_IMPLEMENTATION)
+        expected = PRESETS[args.preset].config_class.model_type
+        if model.config.model_type != expected:
+            parser.error(f"--init-from {args.init_from} is a {model.config.model_type!r} model; "
+                         f"--preset {args.preset} trains {expected!r}")
+        model.config.output_router_logits = True
+        init = f"weights of {_shown(args.init_from, 'CHECKPOINT')} (schedule restarted)"
+    else:
+        tokenizer = (transformers.AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
+                     else train_tokenizer(args.seed))
+        model = transformers.AutoModelForCausalLM.from_config(build_config(args.preset, tokenizer))
+        init = "random"
+    progress = state.Progress(preset=args.preset, seed=args.seed)
+    return model, tokenizer, make_optimizer(model), progress, init, WARMUP_STEPS
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--out", type=Path, required=True, help="where the bf16 checkpoint is exported")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="resumable training state (default: build/training/PRESET, outside git)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --state as a new leg")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from a saved checkpoint's weights and tokenizer (new optimizer and schedule)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="use this saved tokenizer instead of training one (new runs only)")
+    parser.add_argument("--minutes", type=float, default=50.0, help="this leg's training-loop wall-clock budget")
+    parser.add_argument("--steps", type=int, default=None, help="this leg's fixed step count (overrides --minutes)")
+    parser.add_argument("--peak-lr", type=float, default=PEAK_LR, help="this leg's peak learning rate")
+    parser.add_argument("--code-seqs", type=int, default=CODE_SEQS_PER_BATCH, help="code windows per step")
+    parser.add_argument("--arith-seqs", type=int, default=ARITH_SEQS_PER_BATCH,
+                        help="packed arithmetic sequences per step")
+    parser.add_argument("--save-minutes", type=float, default=10.0, help="save the state this often")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="most intra-op threads (see ThreadTuner)")
+    parser.add_argument("--quick-eval", action="store_true", help="a small end-of-leg evaluation (smoke runs)")
+    args = parser.parse_args(argv)
+    if args.resume and (args.init_from or args.tokenizer):
+        parser.error("--resume continues the saved model and tokenizer; --init-from/--tokenizer start new runs")
+    for key in ("minutes", "peak_lr", "save_minutes"):
+        if getattr(args, key) <= 0:
+            parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    for key in ("steps", "code_seqs", "arith_seqs", "threads"):
+        value = getattr(args, key)
+        if value is not None and value < (0 if key.endswith("seqs") else 1):
+            parser.error(f"--{key.replace('_', '-')} must be >= {0 if key.endswith('seqs') else 1}, got {value}")
+    if args.code_seqs + args.arith_seqs == 0:
+        parser.error("--code-seqs and --arith-seqs are both 0: a step needs at least one sequence")
+    args.state = args.state or Path("build/training") / args.preset
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run one leg; export and evaluate the checkpoint when the leg finishes. Returns the report."""
+    parser, args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     wall = time.monotonic()
-
-    tokenizer = train_tokenizer(args.seed)
-    config = build_config(args.preset, tokenizer)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model, tokenizer, optimizer, progress, init, warmup = _start(args, parser)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.preset}: {PRESETS[args.preset].description}; {params / 1e6:.2f}M parameters", flush=True)
-    batches = TrainBatches(tokenizer, args.seed)
+    print(f"{args.preset}: {PRESETS[args.preset].description}; {params / 1e6:.2f}M parameters; {init}", flush=True)
+    leg = {"leg": len(progress.legs) + 1, "date": datetime.date.today().isoformat(), "init": init,
+           "command": _leg_command(args, args.state), "first_step": progress.step, "peak_lr": args.peak_lr,
+           "warmup_steps": warmup, "batch": {"code_sequences": args.code_seqs, "arith_sequences": args.arith_seqs},
+           "threads": args.threads, "cpu": cpu_features(), "status": "running", "steps": 0, "tokens": 0, "minutes": 0}
+    progress.legs.append(leg)
+    # Each leg draws a fresh data order: the batch generators' positions are not part of the state.
+    batches = TrainBatches(tokenizer, args.seed + leg["leg"] - 1, args.code_seqs, args.arith_seqs)
     print(f"setup {time.monotonic() - wall:.0f} s; code train stream {len(batches.code)} tokens", flush=True)
-    summary = train(model, batches, args.minutes, args.steps, args.threads)
 
+    def save():
+        state.save(args.state, model, tokenizer, optimizer, progress)
+
+    plan = LegPlan(args.minutes, args.steps, args.peak_lr, warmup, args.threads, args.save_minutes)
+    with StopOnSignal() as stop:
+        train(model, optimizer, batches, plan, progress, leg, save, lambda: stop.requested)
+    save()
+    if leg["status"] == "interrupted":
+        print(f"leg {leg['leg']} stopped at step {progress.step}; state saved in {args.state}. "
+              "Continue with --resume.", flush=True)
+        return None
+    return export(args, model, tokenizer, progress, params, wall, save)
+
+
+def export(args, model, tokenizer, progress: state.Progress, params: int, wall: float, save) -> dict:
+    """Save the bf16 checkpoint to ``args.out``, evaluate what was saved, and write its report."""
     model.config.output_router_logits = False  # inference default; pass output_router_logits=True to get them
-    model.to(torch.bfloat16).save_pretrained(args.out)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    model.config.output_router_logits = True
     # Evaluate what was shipped: the saved bf16 weights, computed in fp32 on the CPU.
     shipped = transformers.AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
     shipped_tokenizer = transformers.AutoTokenizer.from_pretrained(args.out)
-    results = evaluate(shipped, shipped_tokenizer)
+    results = evaluate(shipped, shipped_tokenizer, QUICK_EVAL if args.quick_eval else EvalSizes())
+    leg = progress.legs[-1]
+    leg["results"] = {"heldout_code_ce": results["heldout_code_ce"], "arith_exact_match": results["arith"]["exact_match"],
+                      "arith_by_op": results["arith"]["by_op"], "code_line_exact_match": results["code_line"]["exact_match"],
+                      "quick_eval": args.quick_eval}
+    save()  # the state's leg log carries the results too
 
-    shown_out = "OUT" if args.out.is_absolute() else args.out.as_posix()  # never record this machine's paths
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+    stride = max(1, len(progress.curve) // 40)
     report = {
         "preset": args.preset, "description": PRESETS[args.preset].description,
-        "command": f"python -m lynx_compile.training.train_checkpoint --preset {args.preset} --out {shown_out}"
-                   + (f" --steps {args.steps}" if args.steps else f" --minutes {args.minutes:g}")
-                   + f" --seed {args.seed}",
-        "config": config_summary(config), "parameters": params, "weights_dtype": "bfloat16",
-        "context": CONTEXT, "batch": {"code_sequences": CODE_SEQS_PER_BATCH, "arith_sequences": ARITH_SEQS_PER_BATCH},
-        "optimizer": {"name": "AdamW", "peak_lr": PEAK_LR, "final_lr": PEAK_LR * FINAL_LR_FRACTION,
-                      "warmup_steps": WARMUP_STEPS, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP},
-        "threads": args.threads, **summary,
-        "total_wall_minutes": round((time.monotonic() - wall) / 60, 2),
+        "command": leg["command"],
+        "config": config_summary(model.config), "parameters": params, "weights_dtype": "bfloat16",
+        "context": CONTEXT, "batch": leg["batch"],
+        "optimizer": {"name": "AdamW", "peak_lr": leg["peak_lr"], "final_lr": leg["peak_lr"] * FINAL_LR_FRACTION,
+                      "schedule": "per leg: linear warmup, then cosine to final_lr (warm restarts)",
+                      "warmup_steps": leg["warmup_steps"], "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP},
+        "threads": args.threads,
+        "minutes": round(sum(item["minutes"] for item in progress.legs), 2), "steps": progress.step,
+        "tokens_seen": progress.tokens,
+        "final_train_ce": progress.curve[-1][1] if progress.curve else None,
+        "train_ce_curve": progress.curve[::stride],
+        "legs": progress.legs,
+        "total_wall_minutes_this_leg": round((time.monotonic() - wall) / 60, 2),
         "checkpoint_megabytes": round(size / 2**20, 2),
         **results,
     }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k not in ("train_ce_curve", "router")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("train_ce_curve", "router", "legs")}, indent=1))
+    return report
 
 
 if __name__ == "__main__":
