@@ -41,6 +41,8 @@ class SelectionCall:
     expert_budget: int | None = None  # the site's gate-mass budget (policy gate_mass_budget), else None
     over_budget: int = 0  # experts the voting rows use beyond expert_budget (0: within it, or no budget)
     top_k: int | None = None  # experts per token at the site
+    choices: int = 0  # (token, slot) expert choices of the live rows: live tokens * top_k
+    remapped: int = 0  # of those, choices of an expert outside the token's own plain top-k
 
 
 class Recorder:
@@ -71,6 +73,8 @@ class Recorder:
                 "experts_after": sum(c.experts_after for c in calls) / len(calls),
                 "num_experts": calls[0].num_experts,
                 "top_k": calls[0].top_k,
+                # share of the (token, slot) choices selection sent to an expert the token did not pick
+                "remapped_fraction": sum(c.remapped for c in calls) / max(1, sum(c.choices for c in calls)),
             }
             if calls[0].expert_budget is not None:
                 out[site]["expert_budget"] = calls[0].expert_budget
@@ -124,10 +128,12 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
     recorder = active_recorder()
     if recorder is None:
         return
+    live = slice(None) if voters is None else voters.to(torch.bool)
     over_budget = 0
     if expert_budget is not None and decode:
-        voting = chosen_indices if voters is None else chosen_indices[voters.to(torch.bool)]
-        over_budget = max(0, int(torch.unique(voting).numel()) - expert_budget)
+        over_budget = max(0, int(torch.unique(chosen_indices[live]).numel()) - expert_budget)
+    # (T, k, 1) vs (T, 1, k): a chosen expert is remapped when none of the token's plain top-k is it
+    outside_own = (chosen_indices[live].unsqueeze(-1) != plain_indices[live].unsqueeze(-2)).all(-1)
     recorder.add(SelectionCall(
         site=recorder.site_name(site, router_weight),
         num_tokens=int(plain_indices.shape[0]),
@@ -138,4 +144,6 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
         expert_budget=expert_budget,
         over_budget=over_budget,
         top_k=int(plain_indices.shape[1]),
+        choices=int(outside_own.numel()),
+        remapped=int(outside_own.sum()),
     ))

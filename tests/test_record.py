@@ -4,6 +4,7 @@ import torch
 
 import lynx_compile
 from lynx_compile import LynxConfig
+from lynx_compile.record import report_selection
 from moe_models import PassOnlyBackend, RoutingProbe, decode_step, skewed_mixtral_block, tiny_model
 
 
@@ -23,6 +24,9 @@ def test_record_counts_experts_before_and_after_per_call():
     assert [c.num_tokens for c in calls] == [16, 8]
     assert calls[0].experts_before == torch.unique(plain).numel()
     assert calls[0].experts_after == torch.unique(chosen).numel() < calls[0].experts_before
+    # choices moved off each token's own top-k, counted in the compiled recording variant
+    assert calls[0].choices == chosen.numel()
+    assert calls[0].remapped == (chosen.unsqueeze(-1) != plain.unsqueeze(-2)).all(-1).sum() > 0
     assert all(c.decode for c in calls)
     assert "gate" in rec.table()
 
@@ -84,3 +88,18 @@ def test_generate_over_many_batch_sizes_compiles_no_more_graphs_and_keeps_select
     at_48 = [c for c in calls if c.num_tokens == 48 and c.decode]
     assert len(at_48) == 2  # two decode steps
     assert all(c.experts_after < c.experts_before for c in at_48)
+
+
+def test_remapped_counts_live_choices_outside_the_tokens_own_top_k():
+    plain = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    chosen = torch.tensor([[1, 0], [2, 1], [0, 1], [6, 7]])  # row 1: 3 -> 1; row 2: both moved
+    weight = torch.zeros(8, 4)
+    with lynx_compile.record() as rec:
+        report_selection("gate", plain, chosen, weight, 8, decode=True)
+        # row 2 is dead (padding): its choices are neither counted nor remapped
+        report_selection("gate", plain, chosen, weight, 8, decode=True,
+                         voters=torch.tensor([True, True, False, True]))
+    full, live = rec.calls["gate"]
+    assert (full.choices, full.remapped) == (8, 3)
+    assert (live.choices, live.remapped) == (6, 1)
+    assert rec.summary()["gate"]["remapped_fraction"] == (3 + 1) / (8 + 6)

@@ -159,6 +159,10 @@ def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Varia
         if layers:
             row["experts_before"] = round(statistics.mean(b for b, _ in layers.values()), 2)
             row["experts_after"] = round(statistics.mean(a for _, a in layers.values()), 2)
+            remapped = {site: round(s["remapped_fraction"], 4)
+                        for site, s in recorded.summary(decode_only=True).items()}
+            row["remapped_by_layer"] = remapped
+            row["remapped_fraction"] = round(statistics.mean(remapped.values()), 4)
     log_probs = torch.cat(distributions).flatten(0, 1) if distributions else None  # (N, V)
     return row, outputs, correct, log_probs
 

@@ -26,6 +26,10 @@ def _signed(value) -> str:
     return "" if value is None else f"{value:+.1f}"
 
 
+def _percent(fraction) -> str:
+    return "" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def plot(result: dict, path: Path) -> None:
     """Accuracy and step time vs B per variant (one column per task); experts per layer at the largest B."""
     import matplotlib
@@ -73,21 +77,34 @@ def _plot_experts(axis, rows: list[dict], num_experts: int) -> None:
 
 
 def markdown(result: dict) -> str:
-    """The README's table: per task and B, Inductor vs lynx:affinity_binning (and lynx:none's step time)."""
+    """The README's table: per task and B, Inductor vs lynx:affinity_binning (and lynx:none's step time).
+
+    Top-1 agreement and KL (from Inductor's next-token distribution, nats per token) exist for
+    teacher-forced code-token only; "remapped" is the share of live (token, slot) expert choices
+    that selection moved off the token's own top-k; "selection" is lynx:none's step time over
+    lynx's (the part of the speedup that selection adds on top of the fused expert op)."""
     rows = {(r["task"], r["batch"], r["variant"]): r for r in result["rows"]}
-    lines = ["| task | B | accuracy Inductor | accuracy lynx | d points | outputs changed | "
-             "experts/step plain -> lynx | step ms Inductor | lynx:none | lynx | speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| task | B | accuracy Inductor | accuracy lynx | d points | outputs changed | top-1 agreement | "
+             "KL mean | remapped | experts/step plain -> lynx | step ms Inductor | lynx:none | lynx | speedup | "
+             "selection |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task, batch in sorted({(t, b) for t, b, _ in rows}):
         base, none, lynx = (rows.get((task, batch, v)) for v in ("inductor", "lynx:none", "lynx:affinity_binning"))
         if not (base and lynx):
             continue
         experts = (f"{lynx['experts_before']:.1f} -> {lynx['experts_after']:.1f}" if "experts_before" in lynx else "")
+        agreement = (f"{100 * lynx['top1_agreement_vs_inductor']:.1f}%" if "top1_agreement_vs_inductor" in lynx
+                     else "")
+        kl = f"{lynx['kl_mean_vs_inductor']:.4f}" if "kl_mean_vs_inductor" in lynx else ""
+        remapped = f"{100 * lynx['remapped_fraction']:.1f}%" if "remapped_fraction" in lynx else ""
+        selection = (f"{none['step_ms'] / lynx['step_ms']:.2f}x" if none and none["step_ms"] and lynx["step_ms"]
+                     else "")
         lines.append(
             f"| {task} | {batch} | {100 * base['accuracy']:.1f}% | {100 * lynx['accuracy']:.1f}% | "
             f"{lynx['accuracy_delta_points_vs_inductor']:+.1f} | {lynx['changed_vs_inductor']}/{lynx['problems']} | "
+            f"{agreement} | {kl} | {remapped} | "
             f"{experts} | {base['step_ms']:.2f} | {none['step_ms'] if none else float('nan'):.2f} | "
-            f"{lynx['step_ms']:.2f} | {lynx['speedup_vs_inductor']:.2f}x |")
+            f"{lynx['step_ms']:.2f} | {lynx['speedup_vs_inductor']:.2f}x | {selection} |")
     return "\n".join(lines)
 
 
@@ -115,11 +132,12 @@ def comparison_points(result: dict) -> dict[int, list[dict]]:
         none = next((r for r in measured if r["policy"] == "none"), None)
         plain = none["experts_after"] if none else sum(r["experts_before"] for r in measured) / len(measured)
         points = [{"variant": "inductor", "experts": plain, "experts_plain": plain, "top1_agreement": 1.0,
-                   "kl_mean": 0.0, "kl_p99": 0.0, "accuracy": base["accuracy"], "d_points": 0.0}]
+                   "kl_mean": 0.0, "kl_p99": 0.0, "remapped": 0.0, "accuracy": base["accuracy"], "d_points": 0.0}]
         for r in measured:
             points.append({"variant": r["variant"], "experts": r["experts_after"], "experts_plain": r["experts_before"],
                            "top1_agreement": r["top1_agreement_vs_inductor"], "kl_mean": r["kl_mean_vs_inductor"],
-                           "kl_p99": r["kl_p99_vs_inductor"], "accuracy": r["accuracy"],
+                           "kl_p99": r["kl_p99_vs_inductor"], "remapped": r.get("remapped_fraction"),
+                           "accuracy": r["accuracy"],
                            "d_points": r.get("accuracy_delta_points_vs_inductor", 0.0)})
         for p in points:
             p["front"] = not any(q is not p and q["experts"] <= p["experts"] and q["top1_agreement"] >= p["top1_agreement"]
@@ -134,12 +152,14 @@ def comparison_markdown(result: dict) -> str:
     Inductor (teacher-forced code-token) and accuracy; "front": no other point reads fewer
     experts at equal or better top-1 agreement."""
     lines = [f"**{result['checkpoint']}**, task {FIDELITY_TASK}, fidelity to default Inductor at the same B:", "",
-             "| B | variant | experts/step | top-1 agreement | KL mean (nats) | KL p99 | accuracy | d points | front |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| B | variant | experts/step | top-1 agreement | KL mean (nats) | KL p99 | remapped | accuracy | "
+             "d points | front |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for batch, points in comparison_points(result).items():
         for p in sorted(points, key=lambda p: p["experts"]):
             lines.append(f"| {batch} | {p['variant']} | {p['experts']:.2f} of {p['experts_plain']:.2f} | "
                          f"{100 * p['top1_agreement']:.1f}% | {p['kl_mean']:.4f} | {p['kl_p99']:.3f} | "
+                         f"{_percent(p['remapped'])} | "
                          f"{100 * p['accuracy']:.1f}% | {p['d_points']:+.1f} | {'yes' if p['front'] else ''} |")
     return "\n".join(lines)
 
@@ -156,12 +176,15 @@ def pareto_plot(result: dict, path: Path) -> None:
     if not by_batch:
         return
     columns = (("top1_agreement", "top-1 agreement with Inductor", 100), ("kl_mean", "mean KL (nats/token)", 1),
-               ("accuracy", f"{FIDELITY_TASK} accuracy (%)", 100))
-    fig, axes = plt.subplots(len(by_batch), 3, figsize=(16, 4.5 * len(by_batch)), squeeze=False)
+               ("accuracy", f"{FIDELITY_TASK} accuracy (%)", 100),
+               ("remapped", "expert choices remapped (%)", 100))
+    fig, axes = plt.subplots(len(by_batch), len(columns), figsize=(21, 4.5 * len(by_batch)), squeeze=False)
     for row, (batch, points) in enumerate(by_batch.items()):
         for column, (key, label, scale) in enumerate(columns):
             axis = axes[row][column]
             for p in points:
+                if p[key] is None:  # e.g. no remapped share from an older result
+                    continue
                 axis.scatter(p["experts"], scale * p[key], s=60 if p["front"] else 30,
                              edgecolors="black" if p["front"] else "none")
                 axis.annotate(p["variant"].removeprefix("lynx:"), (p["experts"], scale * p[key]), fontsize="x-small",

@@ -35,8 +35,11 @@ class GenerationProblem:
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids without special tokens."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    """Token ids without special tokens.
+
+    Whole files are longer than the model's context on purpose (windows are cut from them later):
+    ``verbose=False`` keeps the tokenizer from warning about it."""
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def newline_id(tokenizer) -> int:

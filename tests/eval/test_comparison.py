@@ -69,6 +69,10 @@ def test_the_plan_is_measured_like_any_variant(compared):
     layers = row["experts_by_layer"]
     assert layers["model.layers.3.mlp.gate"][0] == layers["model.layers.3.mlp.gate"][1]  # not in the plan: none
     assert any(after < before for before, after in layers.values())
+    remapped = row["remapped_by_layer"]
+    assert remapped["model.layers.3.mlp.gate"] == 0.0  # policy none moves no token
+    assert all(0.0 < remapped[f"model.layers.{i}.mlp.gate"] < 1.0 for i in range(3))
+    assert row["remapped_fraction"] == pytest.approx(sum(remapped.values()) / 4, abs=1e-4)
 
 
 def test_the_pareto_plot_and_table(compared):
@@ -82,6 +86,7 @@ def test_the_pareto_plot_and_table(compared):
     assert planned["experts"] == row["experts_after"] < inductor["experts"]
     table = report.comparison_markdown(result)
     assert table.count(f"| {BATCH} |") == 2 and f"| lynx:plan:{plan} |" in table
+    assert inductor["remapped"] == 0.0 and planned["remapped"] == row["remapped_fraction"] > 0
 
 
 def test_variant_specs_are_parsed_and_validated():
