@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,6 +195,12 @@ def _experts(summary: dict[str, dict[str, float]]) -> dict[str, float]:
             "experts_after": round(sum(s["experts_after"] for s in summary.values()) / len(summary), 4)}
 
 
+def _model_name(model) -> str:
+    """The model's name for a plan: the hub id or the checkpoint directory's name, never a local path
+    (plans are shared and committed; where the model lies on one machine means nothing elsewhere)."""
+    name_or_path = str(getattr(model, "name_or_path", "") or "")
+    return Path(name_or_path).name if Path(name_or_path).is_absolute() else name_or_path
+
 def _plan_dict(model, budget, sites, candidates, chosen, combined, checks, summary, batches, prefix, passes,
                seconds) -> dict[str, Any]:
     def measured(c: Candidate, site: str) -> dict[str, float]:
@@ -207,7 +214,7 @@ def _plan_dict(model, budget, sites, candidates, chosen, combined, checks, summa
 
     config = model.config
     return {
-        "model": {"name_or_path": str(getattr(model, "name_or_path", "") or ""), "model_type": config.model_type},
+        "model": {"name": _model_name(model), "model_type": config.model_type},
         "budget": budget,
         "sites": {site: {"policy": c.policy, "params": dict(c.params), "measured": measured(c, site)}
                   for site, c in chosen.items()},

@@ -126,3 +126,14 @@ def test_bad_calibration_input_is_refused():
         lynx_compile.calibrate(model, calibration_batches(), prefix=10)
     with pytest.raises(ValueError, match="no tokenizer found beside the model"):
         lynx_compile.calibrate(model)
+
+
+def test_the_plan_names_the_model_without_a_local_path(calibrated):
+    from types import SimpleNamespace
+
+    from lynx_compile.calibration.procedure import _model_name
+
+    _, plan, _ = calibrated
+    assert set(plan["model"]) == {"name", "model_type"} and plan["model"]["model_type"] == "mixtral"
+    assert _model_name(SimpleNamespace(name_or_path="/home/someone/checkpoints/coarse")) == "coarse"
+    assert _model_name(SimpleNamespace(name_or_path="mistralai/Mixtral-8x7B-v0.1")) == "mistralai/Mixtral-8x7B-v0.1"
