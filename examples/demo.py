@@ -1,12 +1,20 @@
-"""Decode a batch of held-out code prompts with the shipped checkpoint: default Inductor vs lynx.
+"""Decode a batch of held-out problems with a shipped checkpoint: default Inductor, lynx's fused
+expert op alone, and lynx with selection.
 
-    make demo        (or: python examples/demo.py --batch 16)
+    make demo        (or: python examples/demo.py --task arith --batch 16 --problems 64)
 
-Loads the shipped coarse checkpoint (Mixtral-style, 8 experts, top-2, trained on this
-project's offline corpora), compiles it with default Inductor and with backend="lynx", and
-lets transformers' generate() complete the next line of each held-out prompt. Prints side by
-side: decode step time and ratio, distinct experts per decode step (lynx_compile.record),
-next-line exact match on the batch, and example completions.
+Loads a shipped checkpoint (default: coarse, Mixtral-style, 8 experts, top-2, trained on this
+project's offline corpora) three times, compiled as
+
+* default Inductor: ``model.compile()``;
+* lynx, policy none: ``model.compile(backend="lynx", options={"policy": "none"})``, the fused expert
+  op with no selection (same answers as Inductor, bit for bit);
+* lynx: ``model.compile(backend="lynx")``, AffinityBinning selection + the fused expert op,
+
+lets transformers' ``generate()`` answer the problems ``--batch`` at a time, and prints per variant
+the median decode-step time, how much of lynx's speedup the fused op and selection each bring,
+distinct experts per decode step (``lynx_compile.record``), accuracy, the problems whose answer
+changed, and a few problems with all three answers.
 """
 
 import argparse
@@ -16,54 +24,88 @@ import torch
 import transformers
 
 import lynx_compile
+from lynx_compile import machine
 from lynx_compile.eval import decode, harness, tasks
 
+VARIANTS = (harness.Variant("default Inductor", "inductor"),
+            harness.Variant("lynx policy none", "lynx", {"policy": "none"}),
+            harness.Variant("lynx", "lynx", {"policy": "affinity_binning"}))
 
-def complete(path, variant, problems, batch):
-    """(completions, median decode-step ms, lynx's record or None) after a first, compiling, pass."""
+
+def answer(path, variant, task, problems, batch):
+    """(answers, median decode-step ms, mean distinct experts per step or None) after a first,
+    compiling, pass over the same problems (each batch's prompt length may compile a graph)."""
     torch._dynamo.reset()
     model, tokenizer = harness.load(path, torch.float32, variant)
-    new_tokens = tasks.max_new_tokens("code-line")
+    new_tokens = tasks.max_new_tokens(task)
     decode.generate_lines(model, tokenizer, problems, batch, new_tokens)  # compiles
     timer = decode.DecodeStepTimer()
-    lines = decode.generate_lines(model, tokenizer, problems, batch, new_tokens, timer)
-    recorder = None
+    answers = decode.generate_lines(model, tokenizer, problems, batch, new_tokens, timer)
+    experts = None
     if variant.backend == "lynx":
         with lynx_compile.record(model) as recorder:
-            decode.generate_lines(model, tokenizer, problems, batch, new_tokens)
-    return lines, statistics.median(timer.step_ms), recorder
+            decode.generate_lines(model, tokenizer, problems[:batch], batch, new_tokens)
+        per_layer = recorder.summary().values()
+        experts = (statistics.mean(s["experts_before"] for s in per_layer),
+                   statistics.mean(s["experts_after"] for s in per_layer))
+    return answers, statistics.median(timer.step_ms), experts
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--checkpoint", default="coarse", help="shipped name (coarse, fine) or a checkpoint directory")
+    parser.add_argument("--task", default="arith", choices=("arith", "code-line"))
+    parser.add_argument("--batch", type=int, default=16, help="problems decoded together (B)")
+    parser.add_argument("--problems", type=int, default=64)
     args = parser.parse_args()
+    if args.batch < 1 or args.problems < args.batch:
+        parser.error(f"need 1 <= --batch <= --problems, got --batch {args.batch} --problems {args.problems}")
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars, once per variant
     torch._dynamo.config.recompile_limit = harness.DYNAMO_LIMITS["recompile_limit"]
 
-    path = harness.resolve_checkpoint("coarse")
+    path = harness.resolve_checkpoint(args.checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    context = transformers.AutoConfig.from_pretrained(path).max_position_embeddings
-    problems = tasks.code_line_problems(tokenizer, args.batch, context)
-    print(f"checkpoint {path.name}: Mixtral-style, 8 experts, top-2; {args.batch} held-out code prompts "
-          f"decoded together (greedy, generate()), {torch.get_num_threads()} threads\n")
+    config = transformers.AutoConfig.from_pretrained(path)
+    problems = tasks.generation_problems(args.task, tokenizer, args.problems, config.max_position_embeddings)
+    num_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    print(f"checkpoint {path.name}: {config.model_type}, {num_experts} experts, top-{config.num_experts_per_tok}; "
+          f"{len(problems)} held-out {args.task} problems, {args.batch} decoded together (greedy generate()); "
+          f"{torch.get_num_threads()} threads, CPU {machine.describe()['cpu_features']}\n", flush=True)
 
-    inductor_lines, inductor_ms, _ = complete(path, harness.Variant("inductor", "inductor"), problems, args.batch)
-    lynx_lines, lynx_ms, recorder = complete(path, harness.Variant("lynx", "lynx"), problems, args.batch)
+    runs = {variant.name: answer(path, variant, args.task, problems, args.batch) for variant in VARIANTS}
+    names = [variant.name for variant in VARIANTS]
+    base_answers, base_ms, _ = runs[names[0]]
+    plain_experts = runs[names[1]][2][0]  # policy none records the batch's plain top-k
 
-    def exact(lines):
-        return sum(tasks.is_correct("code-line", line, p.expected) for line, p in zip(lines, problems))
+    def correct(answers):
+        return [tasks.is_correct(args.task, a, p.expected) for a, p in zip(answers, problems)]
 
-    print(f"{'':28}{'default Inductor':>18}{'lynx':>12}")
-    print(f"{'decode step (median ms)':28}{inductor_ms:>18.2f}{lynx_ms:>12.2f}   ({inductor_ms / lynx_ms:.2f}x)")
-    print(f"{'next line exact match':28}{exact(inductor_lines):>15}/{args.batch}{exact(lynx_lines):>9}/{args.batch}")
-    print(f"{'completions that differ':28}{'':>18}{sum(a != b for a, b in zip(inductor_lines, lynx_lines)):>12}")
-    print("\ndistinct experts per decode step, plain top-k -> lynx (lynx_compile.record):")
-    print(recorder.table())
-    print("\nexample completions (prompt's last line | expected | Inductor | lynx):")
-    for problem, base, mine in list(zip(problems, inductor_lines, lynx_lines))[:2]:
-        last_line = tokenizer.decode(problem.prompt_ids).rstrip("\n").rsplit("\n", 1)[-1]
-        print(f"  prompt ...{last_line!r}\n    expected {problem.expected!r}")
-        print(f"    inductor {base!r}\n    lynx     {mine!r}")
+    def row(label, cells):
+        print(f"{label:34}" + "".join(f"{cell:>20}" for cell in cells))
+
+    row("", names)
+    row("decode step (median ms)", [f"{runs[n][1]:.2f}" for n in names])
+    row("speedup vs default Inductor", [f"{base_ms / runs[n][1]:.2f}x" for n in names])
+    fused, selection = base_ms / runs[names[1]][1], runs[names[1]][1] / runs[names[2]][1]
+    row("  from the fused expert op", ["", f"{fused:.2f}x", f"{fused:.2f}x"])
+    row("  from selection", ["", "", f"{selection:.2f}x"])
+    row(f"distinct experts per step (of {num_experts})",
+        [f"{plain_experts:.1f}", f"{runs[names[1]][2][1]:.1f}", f"{runs[names[2]][2][1]:.1f}"])
+    row("accuracy", [f"{100 * statistics.mean(correct(runs[n][0])):.1f}%" for n in names])
+    base_correct = correct(base_answers)
+    row("answers that differ from Inductor",
+        ["", *(f"{sum(a != b for a, b in zip(runs[n][0], base_answers))}/{len(problems)}" for n in names[1:])])
+    row("  of which right <-> wrong",
+        ["", *(f"{sum(a != b for a, b in zip(correct(runs[n][0]), base_correct))}" for n in names[1:])])
+
+    changed = [i for i, a in enumerate(runs[names[2]][0]) if a != base_answers[i]]
+    shown = (changed + [i for i in range(len(problems)) if i not in changed])[:4]
+    print(f"\nexamples (the first problems whose lynx answer differs, then others): expected | "
+          + " | ".join(names))
+    for i in shown:
+        prompt = tokenizer.decode(problems[i].prompt_ids, skip_special_tokens=True).rstrip("\n").rsplit("\n", 1)[-1]
+        answers = " | ".join(repr(runs[n][0][i]) for n in names)
+        print(f"  {prompt!r:>16} -> {problems[i].expected!r} | {answers}")
 
 
 if __name__ == "__main__":

@@ -566,6 +566,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Run one leg; export and evaluate the checkpoint when the leg finishes. Returns the report."""
     parser, args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()  # a bar per periodic save would bury the loss log
     wall = time.monotonic()
     model, tokenizer, optimizer, progress, init, warmup = _start(args, parser)
     params = sum(p.numel() for p in model.parameters())
