@@ -96,11 +96,12 @@ def test_a_signal_stops_the_leg_after_its_step_and_saves(tmp_path, monkeypatch):
         return real_next(self)
 
     monkeypatch.setattr(train_checkpoint.TrainBatches, "__next__", next_then_signal)
+    handler_before = signal.getsignal(signal.SIGINT)  # pytest-xdist workers ignore SIGINT
     assert run_leg(tmp_path, "--steps", "1000", "--resume") is None
     assert adam_steps(tmp_path / "state") == {4}  # 2 + the two steps it ran
     # An interrupted leg exports nothing: the checkpoint and its report are the first leg's.
     assert (tmp_path / "out" / "training_report.json").read_text() == report_before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the leg put the handler back
 
     monkeypatch.setattr(train_checkpoint.TrainBatches, "__next__", real_next)
     report = run_leg(tmp_path, "--steps", "1", "--resume")
