@@ -201,6 +201,7 @@ def _model_name(model) -> str:
     name_or_path = str(getattr(model, "name_or_path", "") or "")
     return Path(name_or_path).name if Path(name_or_path).is_absolute() else name_or_path
 
+
 def _plan_dict(model, budget, sites, candidates, chosen, combined, checks, summary, batches, prefix, passes,
                seconds) -> dict[str, Any]:
     def measured(c: Candidate, site: str) -> dict[str, float]:

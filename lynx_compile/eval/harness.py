@@ -113,9 +113,8 @@ def lynx_options(variant: Variant, tokenizer) -> dict | None:
     return {"pad_token_id": tokenizer.pad_token_id, **(variant.options or {})}
 
 
-def _experts_by_layer(recorder) -> dict[str, list[float]]:
-    return {site: [round(s["experts_before"], 2), round(s["experts_after"], 2)]
-            for site, s in recorder.summary(decode_only=True).items()}
+def _experts_by_layer(summary: dict) -> dict[str, list[float]]:
+    return {site: [round(s["experts_before"], 2), round(s["experts_after"], 2)] for site, s in summary.items()}
 
 
 def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Variant,
@@ -154,13 +153,13 @@ def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Varia
            "correct": sum(correct), "accuracy": round(sum(correct) / len(correct), 4),
            "step_ms": round(statistics.median(step_ms), 3) if step_ms else None, "decode_steps": len(step_ms)}
     if recorded is not None:
-        layers = _experts_by_layer(recorded)
+        summary = recorded.summary(decode_only=True)
+        layers = _experts_by_layer(summary)
         row["experts_by_layer"] = layers
         if layers:
             row["experts_before"] = round(statistics.mean(b for b, _ in layers.values()), 2)
             row["experts_after"] = round(statistics.mean(a for _, a in layers.values()), 2)
-            remapped = {site: round(s["remapped_fraction"], 4)
-                        for site, s in recorded.summary(decode_only=True).items()}
+            remapped = {site: round(s["remapped_fraction"], 4) for site, s in summary.items()}
             row["remapped_by_layer"] = remapped
             row["remapped_fraction"] = round(statistics.mean(remapped.values()), 4)
     log_probs = torch.cat(distributions).flatten(0, 1) if distributions else None  # (N, V)

@@ -93,10 +93,9 @@ def markdown(result: dict) -> str:
         if not (base and lynx):
             continue
         experts = (f"{lynx['experts_before']:.1f} -> {lynx['experts_after']:.1f}" if "experts_before" in lynx else "")
-        agreement = (f"{100 * lynx['top1_agreement_vs_inductor']:.1f}%" if "top1_agreement_vs_inductor" in lynx
-                     else "")
+        agreement = _percent(lynx.get("top1_agreement_vs_inductor"))
         kl = f"{lynx['kl_mean_vs_inductor']:.4f}" if "kl_mean_vs_inductor" in lynx else ""
-        remapped = f"{100 * lynx['remapped_fraction']:.1f}%" if "remapped_fraction" in lynx else ""
+        remapped = _percent(lynx.get("remapped_fraction"))
         selection = (f"{none['step_ms'] / lynx['step_ms']:.2f}x" if none and none["step_ms"] and lynx["step_ms"]
                      else "")
         lines.append(

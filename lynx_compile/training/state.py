@@ -10,8 +10,10 @@ Layout of a state directory (kept out of git: the default is ``build/training/<p
     STATE/latest/tokenizer.json, ...              the tokenizer the model was trained with
     STATE/latest/trainer.pt                       optimizer state, counters, loss curve, legs
 
-``latest`` is replaced atomically (written beside it, then renamed), so a kill during a save loses
-at most the minutes since the previous save, never the state.
+A save is written beside ``latest`` and renamed into place; for the instant between moving the
+previous save aside (``latest.old``) and renaming the new one in, the previous save is what
+:func:`exists` and :func:`load` find. So a kill during a save loses at most the minutes since the
+previous save, never the state.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import transformers
 
 LATEST = "latest"
+PREVIOUS = f"{LATEST}.old"
 TRAINER_FILE = "trainer.pt"
 
 
@@ -40,23 +43,31 @@ class Progress:
     legs: list = dataclasses.field(default_factory=list)  # one dict per leg (see train_checkpoint.train)
 
 
+def _saved(state_dir: Path) -> Path | None:
+    """The complete save to read: ``latest``, or ``latest.old`` when a save was cut between renames."""
+    for name in (LATEST, PREVIOUS):
+        if (Path(state_dir) / name / TRAINER_FILE).is_file():
+            return Path(state_dir) / name
+    return None
+
+
 def exists(state_dir: Path) -> bool:
-    return (Path(state_dir) / LATEST / TRAINER_FILE).is_file()
+    return _saved(state_dir) is not None
 
 
 def save(state_dir: Path, model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer,
          progress: Progress) -> Path:
-    """Write the state to ``state_dir/latest`` atomically; return that path."""
+    """Write the state to ``state_dir/latest`` (see the module docstring for why it is never lost)."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    latest, staging, old = state_dir / LATEST, state_dir / f"{LATEST}.tmp", state_dir / f"{LATEST}.old"
+    latest, staging, old = state_dir / LATEST, state_dir / f"{LATEST}.tmp", state_dir / PREVIOUS
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)  # the model is trained in fp32: saved as it is
     tokenizer.save_pretrained(staging)
     torch.save({"optimizer": optimizer.state_dict(), "progress": dataclasses.asdict(progress)},
                staging / TRAINER_FILE)
-    shutil.rmtree(old, ignore_errors=True)
-    if latest.exists():
+    if latest.exists():  # else `old` may hold the only complete save (a cut save): keep it until now
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(latest, old)
     os.replace(staging, latest)
     shutil.rmtree(old, ignore_errors=True)
@@ -69,9 +80,10 @@ def load(state_dir: Path, experts_implementation: str
 
     Raises FileNotFoundError naming the directory when there is no saved state in it.
     """
-    latest = Path(state_dir) / LATEST
-    if not (latest / TRAINER_FILE).is_file():
-        raise FileNotFoundError(f"no training state in {state_dir} (expected {latest / TRAINER_FILE}); "
+    latest = _saved(state_dir)
+    if latest is None:
+        expected = Path(state_dir) / LATEST / TRAINER_FILE
+        raise FileNotFoundError(f"no training state in {state_dir} (expected {expected}); "
                                 "start a first leg without --resume, or pass the --state of an earlier run")
     model = transformers.AutoModelForCausalLM.from_pretrained(latest, dtype=torch.float32,
                                                               experts_implementation=experts_implementation)

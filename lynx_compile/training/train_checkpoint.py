@@ -552,10 +552,10 @@ def parse_args(argv):
     for key in ("minutes", "peak_lr", "save_minutes"):
         if getattr(args, key) <= 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
-    for key in ("steps", "code_seqs", "arith_seqs", "threads"):
+    for key, lowest in (("steps", 1), ("code_seqs", 0), ("arith_seqs", 0), ("threads", 1)):
         value = getattr(args, key)
-        if value is not None and value < (0 if key.endswith("seqs") else 1):
-            parser.error(f"--{key.replace('_', '-')} must be >= {0 if key.endswith('seqs') else 1}, got {value}")
+        if value is not None and value < lowest:
+            parser.error(f"--{key.replace('_', '-')} must be >= {lowest}, got {value}")
     if args.code_seqs + args.arith_seqs == 0:
         parser.error("--code-seqs and --arith-seqs are both 0: a step needs at least one sequence")
     args.state = args.state or Path("build/training") / args.preset
@@ -606,9 +606,9 @@ def export(args, model, tokenizer, progress: state.Progress, params: int, wall: 
     shipped_tokenizer = transformers.AutoTokenizer.from_pretrained(args.out)
     results = evaluate(shipped, shipped_tokenizer, QUICK_EVAL if args.quick_eval else EvalSizes())
     leg = progress.legs[-1]
-    leg["results"] = {"heldout_code_ce": results["heldout_code_ce"], "arith_exact_match": results["arith"]["exact_match"],
-                      "arith_by_op": results["arith"]["by_op"], "code_line_exact_match": results["code_line"]["exact_match"],
-                      "quick_eval": args.quick_eval}
+    leg["results"] = {"heldout_code_ce": results["heldout_code_ce"],
+                      "arith_exact_match": results["arith"]["exact_match"], "arith_by_op": results["arith"]["by_op"],
+                      "code_line_exact_match": results["code_line"]["exact_match"], "quick_eval": args.quick_eval}
     save()  # the state's leg log carries the results too
 
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())

@@ -107,3 +107,13 @@ def test_a_signal_stops_the_leg_after_its_step_and_saves(tmp_path, monkeypatch):
     report = run_leg(tmp_path, "--steps", "1", "--resume")
     assert [leg["status"] for leg in report["legs"]] == ["finished", "interrupted", "finished"]
     assert report["steps"] == 5
+
+
+def test_a_save_cut_between_its_renames_is_resumed_from_the_previous_one(tmp_path):
+    run_leg(tmp_path, "--tokenizer", str(TOKENIZER), "--steps", "2")
+    # what a kill leaves after the previous save was moved aside and before the new one was renamed in
+    os.replace(tmp_path / "state" / state.LATEST, tmp_path / "state" / state.PREVIOUS)
+    assert state.exists(tmp_path / "state")
+    report = run_leg(tmp_path, "--steps", "1", "--resume")
+    assert report["steps"] == 3 and adam_steps(tmp_path / "state") == {3}
+    assert not (tmp_path / "state" / state.PREVIOUS).exists()
