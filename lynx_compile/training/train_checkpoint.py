@@ -340,14 +340,19 @@ def train(model, optimizer, batches: TrainBatches, plan: LegPlan, progress: stat
 
 
 @torch.no_grad()
-def token_losses(model, input_ids: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per-target cross entropy (B, T-1) and each layer's router logits (B*T, E) for ``input_ids``."""
-    losses, router = [], []
+def token_losses(model, input_ids: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Teacher-forced next-token results for ``input_ids`` (B, T).
+
+    Returns per-target cross entropy (B, T-1) in nats, whether the greedy (argmax) prediction is the
+    target (B, T-1) bool, and each layer's router logits (B*T, E).
+    """
+    losses, hits, router = [], [], []
     for chunk in input_ids.split(batch):
         out = model(input_ids=chunk, output_router_logits=True)
         losses.append(cross_entropy(out.logits, chunk, reduction="none"))
+        hits.append(out.logits[:, :-1].argmax(-1) == chunk[:, 1:])
         router.append([layer.float() for layer in out.router_logits])
-    return torch.cat(losses), [torch.cat(layers) for layers in zip(*router)]
+    return torch.cat(losses), torch.cat(hits), [torch.cat(layers) for layers in zip(*router)]
 
 
 def router_stats(code_logits: list[torch.Tensor], arith_logits: list[torch.Tensor], top_k: int) -> dict:
@@ -416,12 +421,14 @@ QUICK_EVAL = EvalSizes(code_windows=16, arith_sequences=4, arith_problems=60, co
 
 def evaluate(model, tokenizer, sizes: EvalSizes = EvalSizes()) -> dict:
     model.eval()
-    code_losses, code_router = token_losses(model, heldout_code_windows(tokenizer, sizes.code_windows))
+    code_losses, code_hits, code_router = token_losses(model, heldout_code_windows(tokenizer, sizes.code_windows))
     arith_ids, answer_mask = heldout_arith_sequences(tokenizer, sizes.arith_sequences)
-    arith_losses, arith_router = token_losses(model, arith_ids)
+    arith_losses, _, arith_router = token_losses(model, arith_ids)
     answer_losses = arith_losses[answer_mask[:, 1:]]
     return {
         "heldout_code_ce": round(code_losses.mean().item(), 4),
+        # the issue's code-token metric: greedy next-token accuracy, teacher-forced, on held-out code
+        "heldout_code_token_accuracy": round(code_hits.float().mean().item(), 4),
         "heldout_arith_ce_all_tokens": round(arith_losses.mean().item(), 4),
         "heldout_arith_ce_answer_tokens": round(answer_losses.mean().item(), 4),
         "arith": arith_exact_match(model, tokenizer, sizes.arith_problems),
@@ -607,6 +614,7 @@ def export(args, model, tokenizer, progress: state.Progress, params: int, wall: 
     results = evaluate(shipped, shipped_tokenizer, QUICK_EVAL if args.quick_eval else EvalSizes())
     leg = progress.legs[-1]
     leg["results"] = {"heldout_code_ce": results["heldout_code_ce"],
+                      "code_token_accuracy": results["heldout_code_token_accuracy"],
                       "arith_exact_match": results["arith"]["exact_match"], "arith_by_op": results["arith"]["by_op"],
                       "code_line_exact_match": results["code_line"]["exact_match"], "quick_eval": args.quick_eval}
     save()  # the state's leg log carries the results too

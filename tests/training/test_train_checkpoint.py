@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import lynx_compile
@@ -52,6 +53,15 @@ def test_legs_resume_the_saved_run(tmp_path):
     # The optimizer continued: a fresh AdamW would count 2 steps, not 5.
     assert adam_steps(tmp_path / "state") == {5}
     assert all("results" in leg for leg in second["legs"])
+    # The code-token metric is greedy next-token accuracy on the held-out code windows.
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    windows = train_checkpoint.heldout_code_windows(
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "out"), train_checkpoint.QUICK_EVAL.code_windows)
+    with torch.no_grad():
+        greedy = exported(input_ids=windows).logits[:, :-1].argmax(-1)
+    expected = (greedy == windows[:, 1:]).float().mean().item()
+    assert second["heldout_code_token_accuracy"] == pytest.approx(expected, abs=1e-3)
+    assert second["legs"][1]["results"]["code_token_accuracy"] == second["heldout_code_token_accuracy"]
     # The exported checkpoint is the state's model in bf16.
     model, _, _, _ = state.load(tmp_path / "state", "grouped_mm")
     weights = load_file(tmp_path / "out" / "model.safetensors")
