@@ -19,6 +19,7 @@ changed, and a few problems with all three answers.
 
 import argparse
 import statistics
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -32,9 +33,17 @@ VARIANTS = (harness.Variant("default Inductor", "inductor"),
             harness.Variant("lynx", "lynx", {"policy": "affinity_binning"}))
 
 
-def answer(path, variant, task, problems, batch):
-    """(answers, median decode-step ms, mean distinct experts per step or None) after a first,
-    compiling, pass over the same problems (each batch's prompt length may compile a graph)."""
+class Run(NamedTuple):
+    """One variant's pass over the problems."""
+
+    answers: list[str]
+    step_ms: float  # median decode-step time
+    experts: tuple[float, float] | None  # mean distinct experts per step (plain top-k, after selection); lynx only
+
+
+def answer(path, variant, task, problems, batch) -> Run:
+    """Answer the problems after a first, compiling, pass over them (each batch's prompt length may
+    compile a graph)."""
     torch._dynamo.reset()
     model, tokenizer = harness.load(path, torch.float32, variant)
     new_tokens = tasks.max_new_tokens(task)
@@ -48,7 +57,7 @@ def answer(path, variant, task, problems, batch):
         per_layer = recorder.summary().values()
         experts = (statistics.mean(s["experts_before"] for s in per_layer),
                    statistics.mean(s["experts_after"] for s in per_layer))
-    return answers, statistics.median(timer.step_ms), experts
+    return Run(answers, statistics.median(timer.step_ms), experts)
 
 
 def main():
@@ -74,8 +83,8 @@ def main():
 
     runs = {variant.name: answer(path, variant, args.task, problems, args.batch) for variant in VARIANTS}
     names = [variant.name for variant in VARIANTS]
-    base_answers, base_ms, _ = runs[names[0]]
-    plain_experts = runs[names[1]][2][0]  # policy none records the batch's plain top-k
+    base, fused_only, lynx = (runs[name] for name in names)
+    plain_experts = fused_only.experts[0]  # policy none records the batch's plain top-k
 
     def correct(answers):
         return [tasks.is_correct(args.task, a, p.expected) for a, p in zip(answers, problems)]
@@ -84,27 +93,27 @@ def main():
         print(f"{label:34}" + "".join(f"{cell:>20}" for cell in cells))
 
     row("", names)
-    row("decode step (median ms)", [f"{runs[n][1]:.2f}" for n in names])
-    row("speedup vs default Inductor", [f"{base_ms / runs[n][1]:.2f}x" for n in names])
-    fused, selection = base_ms / runs[names[1]][1], runs[names[1]][1] / runs[names[2]][1]
+    row("decode step (median ms)", [f"{runs[n].step_ms:.2f}" for n in names])
+    row("speedup vs default Inductor", [f"{base.step_ms / runs[n].step_ms:.2f}x" for n in names])
+    fused, selection = base.step_ms / fused_only.step_ms, fused_only.step_ms / lynx.step_ms
     row("  from the fused expert op", ["", f"{fused:.2f}x", f"{fused:.2f}x"])
     row("  from selection", ["", "", f"{selection:.2f}x"])
     row(f"distinct experts per step (of {num_experts})",
-        [f"{plain_experts:.1f}", f"{runs[names[1]][2][1]:.1f}", f"{runs[names[2]][2][1]:.1f}"])
-    row("accuracy", [f"{100 * statistics.mean(correct(runs[n][0])):.1f}%" for n in names])
-    base_correct = correct(base_answers)
+        [f"{plain_experts:.1f}", f"{fused_only.experts[1]:.1f}", f"{lynx.experts[1]:.1f}"])
+    row("accuracy", [f"{100 * statistics.mean(correct(runs[n].answers)):.1f}%" for n in names])
+    base_correct = correct(base.answers)
     row("answers that differ from Inductor",
-        ["", *(f"{sum(a != b for a, b in zip(runs[n][0], base_answers))}/{len(problems)}" for n in names[1:])])
+        ["", *(f"{sum(a != b for a, b in zip(runs[n].answers, base.answers))}/{len(problems)}" for n in names[1:])])
     row("  of which right <-> wrong",
-        ["", *(f"{sum(a != b for a, b in zip(correct(runs[n][0]), base_correct))}" for n in names[1:])])
+        ["", *(f"{sum(a != b for a, b in zip(correct(runs[n].answers), base_correct))}" for n in names[1:])])
 
-    changed = [i for i, a in enumerate(runs[names[2]][0]) if a != base_answers[i]]
+    changed = [i for i, a in enumerate(lynx.answers) if a != base.answers[i]]
     shown = (changed + [i for i in range(len(problems)) if i not in changed])[:4]
     print(f"\nexamples (the first problems whose lynx answer differs, then others): expected | "
           + " | ".join(names))
     for i in shown:
         prompt = tokenizer.decode(problems[i].prompt_ids, skip_special_tokens=True).rstrip("\n").rsplit("\n", 1)[-1]
-        answers = " | ".join(repr(runs[n][0][i]) for n in names)
+        answers = " | ".join(repr(runs[n].answers[i]) for n in names)
         print(f"  {prompt!r:>16} -> {problems[i].expected!r} | {answers}")
 
 

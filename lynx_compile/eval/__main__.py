@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
         report.plot(result, stem.with_suffix(".png"))
         print(f"\n{result['checkpoint']} ({result['model_type']}, {result['num_experts']} experts, "
-              f"top-{result['top_k']}, {result['dtype']}):")
+              f"top-{result['top_k']}, {result['dtype']}; {result['wall_seconds']['total'] / 60:.1f} min, "
+              f"compiling included):")
         print(report.table(result))
         written = f"{stem}.json and {stem}.png"
         if report.has_fidelity(result):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -214,21 +215,26 @@ def evaluate(checkpoint: str, task_names: list[str], batch_sizes: list[int], pol
     if not isinstance(problems, dict):
         problems = dict.fromkeys(task_names, problems)
     path = resolve_checkpoint(checkpoint)
+    start = time.monotonic()
     with torch._dynamo.config.patch(**DYNAMO_LIMITS):
-        rows, model = _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype, eager,
-                                         record_batches, show_progress)
+        rows, model, variant_seconds = _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype,
+                                                          eager, record_batches, show_progress)
     config = model.config
     return {"checkpoint": path.name, "model_type": config.model_type,
             "num_experts": getattr(config, "num_local_experts", None) or config.num_experts,
             "top_k": config.num_experts_per_tok, "dtype": str(dtype).removeprefix("torch."),
-            "record_batches": record_batches, "rows": rows}
+            "record_batches": record_batches,
+            # compiling included: cold or warm depends on Inductor's cache (TORCHINDUCTOR_CACHE_DIR)
+            "wall_seconds": {"total": round(time.monotonic() - start, 1), "by_variant": variant_seconds},
+            "rows": rows}
 
 
 def _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype, eager, record_batches,
                        show_progress):
-    rows, outputs, correct = [], {}, {}
+    rows, outputs, correct, variant_seconds = [], {}, {}, {}
     reference = {}  # (task, B) -> Inductor's code-token log-probabilities (variants() puts Inductor first)
     for variant in variants(policies, eager):
+        start = time.monotonic()
         torch._dynamo.reset()  # each variant compiles from scratch; no cache entries shared across backends
         model, tokenizer = load(path, dtype, variant)
         for task in task_names:
@@ -248,10 +254,11 @@ def _evaluate_variants(path, task_names, batch_sizes, policies, problems, dtype,
                     add_fidelity(row, reference[(task, batch)], log_probs)
                 rows.append(row)
                 outputs[(variant.name, task, batch)], correct[(variant.name, task, batch)] = outs, oks
+        variant_seconds[variant.name] = round(time.monotonic() - start, 1)
     compare_with_baseline(rows, outputs, correct)
     if eager:
         compare_with_baseline(rows, outputs, correct, baseline="eager")
-    return rows, model
+    return rows, model, variant_seconds
 
 
 def _progress(description: str, total: int, enabled: bool):

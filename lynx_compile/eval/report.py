@@ -85,7 +85,7 @@ def markdown(result: dict) -> str:
     lynx's (the part of the speedup that selection adds on top of the fused expert op)."""
     rows = {(r["task"], r["batch"], r["variant"]): r for r in result["rows"]}
     lines = ["| task | B | accuracy Inductor | accuracy lynx | d points | outputs changed | top-1 agreement | "
-             "KL mean | remapped | experts/step plain -> lynx | step ms Inductor | lynx:none | lynx | speedup | "
+             "KL mean / p99 | remapped | experts/step plain -> lynx | step ms Inductor | lynx:none | lynx | speedup | "
              "selection |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task, batch in sorted({(t, b) for t, b, _ in rows}):
@@ -94,7 +94,8 @@ def markdown(result: dict) -> str:
             continue
         experts = (f"{lynx['experts_before']:.1f} -> {lynx['experts_after']:.1f}" if "experts_before" in lynx else "")
         agreement = _percent(lynx.get("top1_agreement_vs_inductor"))
-        kl = f"{lynx['kl_mean_vs_inductor']:.4f}" if "kl_mean_vs_inductor" in lynx else ""
+        kl = (f"{lynx['kl_mean_vs_inductor']:.4f} / {lynx['kl_p99_vs_inductor']:.3f}"
+              if "kl_mean_vs_inductor" in lynx else "")
         remapped = _percent(lynx.get("remapped_fraction"))
         selection = (f"{none['step_ms'] / lynx['step_ms']:.2f}x" if none and none["step_ms"] and lynx["step_ms"]
                      else "")

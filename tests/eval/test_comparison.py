@@ -56,6 +56,10 @@ def test_the_uncompiled_model_is_a_baseline_and_neither_baseline_is_recorded(com
         == PROBLEMS
     assert "changed_vs_eager" in rows[f"lynx:plan:{plan}"]
     assert all("experts_by_layer" not in rows[name] for name in ("eager", "inductor"))
+    # the run's wall time (compiling included), per variant and in all
+    wall = result["wall_seconds"]
+    assert set(wall["by_variant"]) == set(rows)
+    assert 0 < sum(wall["by_variant"].values()) <= wall["total"] + 0.5
 
 
 def test_the_plan_is_measured_like_any_variant(compared):

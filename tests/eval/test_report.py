@@ -27,6 +27,14 @@ def test_markdown_compares_lynx_with_inductor():
                     "8.00 | 1.25x | 1.31x |")
 
 
+
+def test_markdown_shows_fidelity_on_teacher_forced_tokens():
+    rows = [dict(r, task="code-token") for r in RESULT["rows"]]
+    rows[2].update(top1_agreement_vs_inductor=0.9, kl_mean_vs_inductor=0.0123, kl_p99_vs_inductor=0.456)
+    _, _, line = report.markdown({**RESULT, "rows": rows}).splitlines()
+    assert "| 3/10 | 90.0% | 0.0123 / 0.456 | 20.0% |" in line
+
+
 def test_table_and_plot(tmp_path):
     table = report.table(RESULT).splitlines()
     [selected] = [line for line in table if "affinity_binning" in line]
