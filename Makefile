@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench eval calibrate clean
+.PHONY: setup test test-all demo bench eval calibrate train clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,19 @@ eval: $(STAMP)
 calibrate: $(STAMP)
 	$(VENV)/bin/lynx-compile calibrate --checkpoint coarse --budget kl=0.01 --out bench/results/plans/plan_coarse_kl0.01.json
 	$(VENV)/bin/lynx-compile calibrate --checkpoint fine --budget kl=0.01 --out bench/results/plans/plan_fine_kl0.01.json
+
+# One more training leg for both checkpoints at once, one thread each (README: Trained checkpoints):
+# continues the saved run in build/training/NAME, or starts one from the shipped weights. Exports to
+# build/training/NAME-export; logs in build/training/NAME.log. `make train TRAIN_MINUTES=90`.
+TRAIN_MINUTES ?= 60
+train: $(STAMP)
+	mkdir -p build/training
+	for name in coarse fine; do \
+	  if [ -d build/training/$$name ]; then start=--resume; else start="--init-from lynx_compile/checkpoints/$$name"; fi; \
+	  $(PY) -m lynx_compile.training.train_checkpoint --preset $$name --out build/training/$$name-export $$start \
+	    --minutes $(TRAIN_MINUTES) --peak-lr 5e-4 --code-seqs 10 --arith-seqs 10 --threads 1 \
+	    > build/training/$$name.log 2>&1 & \
+	done; wait; tail -n 3 build/training/coarse.log build/training/fine.log
 
 clean:
 	rm -rf $(VENV) build *.egg-info

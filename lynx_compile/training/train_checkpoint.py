@@ -601,12 +601,24 @@ def main(argv: list[str] | None = None) -> dict | None:
     return export(args, model, tokenizer, progress, params, wall, save)
 
 
+# A tokenizer loaded from a directory saves how it was loaded; a shipped checkpoint should not say.
+LOADING_KEYS = ("is_local", "local_files_only")
+
+
+def _drop_loading_keys(tokenizer_config: Path) -> None:
+    config = json.loads(tokenizer_config.read_text())
+    if any(key in config for key in LOADING_KEYS):
+        tokenizer_config.write_text(json.dumps({k: v for k, v in config.items() if k not in LOADING_KEYS},
+                                               indent=2, ensure_ascii=False) + "\n")
+
+
 def export(args, model, tokenizer, progress: state.Progress, params: int, wall: float, save) -> dict:
     """Save the bf16 checkpoint to ``args.out``, evaluate what was saved, and write its report."""
     model.config.output_router_logits = False  # inference default; pass output_router_logits=True to get them
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     bf16.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    _drop_loading_keys(args.out / "tokenizer_config.json")
     model.config.output_router_logits = True
     # Evaluate what was shipped: the saved bf16 weights, computed in fp32 on the CPU.
     shipped = transformers.AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)

@@ -4,6 +4,7 @@ A tiny Mixtral-style preset on a few stdlib files, with the shipped coarse token
 BPE tokenizer is not what these tests are about): a few optimizer steps per leg.
 """
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -43,6 +44,8 @@ def test_legs_resume_the_saved_run(tmp_path):
     assert first["steps"] == 3 and [leg["status"] for leg in first["legs"]] == ["finished"]
     assert first["legs"][0]["init"] == "random"
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    # how the tokenizer was loaded (from a local directory) is not part of the checkpoint
+    assert not set(train_checkpoint.LOADING_KEYS) & set(json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()))
     assert adam_steps(tmp_path / "state") == {3}
 
     second = run_leg(tmp_path, "--steps", "2", "--resume", "--peak-lr", "1e-3")
