@@ -46,12 +46,14 @@ calibrate: $(STAMP)
 TRAIN_MINUTES ?= 60
 train: $(STAMP)
 	mkdir -p build/training
-	for name in coarse fine; do \
-	  if [ -d build/training/$$name ]; then start=--resume; else start="--init-from lynx_compile/checkpoints/$$name"; fi; \
+	pids=; for name in coarse fine; do \
+	  if [ -e build/training/$$name/latest ] || [ -e build/training/$$name/latest.old ]; then start=--resume; \
+	  else start="--init-from lynx_compile/checkpoints/$$name"; fi; \
 	  $(PY) -m lynx_compile.training.train_checkpoint --preset $$name --out build/training/$$name-export $$start \
 	    --minutes $(TRAIN_MINUTES) --peak-lr 5e-4 --code-seqs 10 --arith-seqs 10 --threads 1 \
-	    > build/training/$$name.log 2>&1 & \
-	done; wait; tail -n 3 build/training/coarse.log build/training/fine.log
+	    >> build/training/$$name.log 2>&1 & pids="$$pids $$!"; \
+	done; rc=0; for pid in $$pids; do wait $$pid || rc=1; done; \
+	tail -n 3 build/training/coarse.log build/training/fine.log; exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 
 from lynx_compile import machine
 from lynx_compile.eval import harness, report, tasks
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                    help="batches per cell re-run under lynx_compile.record to count experts")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("bench/results/eval"))
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (per cell, and loading weights)")
     return p
 
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cli.error(f"--policies {spec}: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_progress:
+        transformers.utils.logging.disable_progress_bar()  # the weight-loading bar of every variant
     info = machine.describe()
     print(f"machine: {info}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

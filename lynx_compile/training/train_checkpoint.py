@@ -340,7 +340,8 @@ def train(model, optimizer, batches: TrainBatches, plan: LegPlan, progress: stat
 
 
 @torch.no_grad()
-def token_losses(model, input_ids: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def token_losses(model, input_ids: torch.Tensor,
+                 batch: int = 16) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Teacher-forced next-token results for ``input_ids`` (B, T).
 
     Returns per-target cross entropy (B, T-1) in nats, whether the greedy (argmax) prediction is the

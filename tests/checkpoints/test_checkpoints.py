@@ -81,4 +81,10 @@ def test_training_report_matches(checkpoint):
     report = json.loads((path / "training_report.json").read_text())
     assert report["preset"] == name
     assert report["parameters"] == sum(p.numel() for p in model.parameters())
-    assert f"--preset {name} --out lynx_compile/checkpoints/{name} " in report["command"]
+    assert f"--preset {name} " in report["command"]
+    # The legs since the first run are logged, the last one finished and evaluated.
+    legs = report["legs"]
+    assert legs and legs[-1]["status"] == "finished"
+    assert report["steps"] == legs[-1]["first_step"] + legs[-1]["steps"]
+    assert legs[-1]["results"]["arith_exact_match"] == report["arith"]["exact_match"]
+    assert 0 < report["heldout_code_token_accuracy"] < 1

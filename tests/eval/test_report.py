@@ -27,7 +27,6 @@ def test_markdown_compares_lynx_with_inductor():
                     "8.00 | 1.25x | 1.31x |")
 
 
-
 def test_markdown_shows_fidelity_on_teacher_forced_tokens():
     rows = [dict(r, task="code-token") for r in RESULT["rows"]]
     rows[2].update(top1_agreement_vs_inductor=0.9, kl_mean_vs_inductor=0.0123, kl_p99_vs_inductor=0.456)

@@ -45,7 +45,8 @@ def test_legs_resume_the_saved_run(tmp_path):
     assert first["legs"][0]["init"] == "random"
     assert (tmp_path / "out" / "model.safetensors").is_file()
     # how the tokenizer was loaded (from a local directory) is not part of the checkpoint
-    assert not set(train_checkpoint.LOADING_KEYS) & set(json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()))
+    saved_keys = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert not set(train_checkpoint.LOADING_KEYS) & set(saved_keys)
     assert adam_steps(tmp_path / "state") == {3}
 
     second = run_leg(tmp_path, "--steps", "2", "--resume", "--peak-lr", "1e-3")
