@@ -42,8 +42,10 @@ def runs_of(name: str) -> list[dict]:
 def points(runs: list[dict]) -> tuple[list, list, list]:
     """(training-CE curve, end-of-leg results, steps where a later run starts), all at steps counted
     from the first run's start."""
-    curve, ends, offset = [], [], 0
+    curve, ends, run_starts, offset = [], [], [], 0
     for run in runs:
+        if offset:
+            run_starts.append(offset)
         curve += [(offset + step, ce) for step, ce in run["train_ce_curve"]]
         legs = run.get("legs") or [{"first_step": 0, "steps": run["steps"], "results": {
             "arith_exact_match": run["arith"]["exact_match"], "arith_by_op": run["arith"]["by_op"],
@@ -53,7 +55,7 @@ def points(runs: list[dict]) -> tuple[list, list, list]:
             if "results" in leg and not leg["results"].get("quick_eval"):
                 ends.append({"step": offset + leg["first_step"] + leg["steps"], **leg["results"]})
         offset += run["steps"]
-    return curve, ends, [sum(run["steps"] for run in runs[:i]) for i in range(1, len(runs))]
+    return curve, ends, run_starts
 
 
 def main() -> None:
