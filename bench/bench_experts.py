@@ -12,7 +12,9 @@ Per batch size B, every variant runs in this process, one after another:
   inductor:grouped_mm / inductor:batched_mm   default Inductor, transformers' two implementations
   lynx:none+fused        policy none, dispatch replaced by lynx.moe_experts (same routing)
   lynx:binning+keep      AffinityBinning, transformers' grouped_mm dispatch kept
-  lynx:binning+fused     AffinityBinning + lynx.moe_experts
+  lynx:binning+fused     AffinityBinning + lynx.moe_experts (experts="fused")
+  lynx:binning+auto      AffinityBinning, the default options: experts="auto" decides the dispatch
+                         on this CPU (`*_ran_fused_op` records which ran)
   (Mixtral block) eager experts loop under Inductor, with and without AffinityBinning, in a
   sweep of their own after a Dynamo reset (see run_case)
 Each fused variant is checked to run lynx.moe_experts (`*_ran_fused_op`). Per row:
@@ -62,7 +64,8 @@ VARIANTS = {  # name: (experts implementation, lynx options or None for default 
     "inductor:batched_mm": ("batched_mm", None),
     "lynx:none+fused": ("grouped_mm", {"policy": "none", "experts": "fused"}),
     "lynx:binning+keep": ("grouped_mm", {"experts": "keep"}),
-    "lynx:binning+fused": ("grouped_mm", {}),
+    "lynx:binning+fused": ("grouped_mm", {"experts": "fused"}),
+    "lynx:binning+auto": ("grouped_mm", {}),
     "inductor:eager-loop": ("eager", None),
     "lynx:binning+eager-loop": ("eager", {}),
 }
@@ -92,7 +95,7 @@ def run_case(name, module, make_input, batches, repeats, variants, fused_op_inpu
                 for variant in sweep:
                     set_experts_impl(module, VARIANTS[variant][0])
                     row[f"{variant}_ms"] = time_call(functions[variant], inputs, repeats=repeats)
-                    if "fused" in variant:
+                    if "fused" in variant or variant.endswith("+auto"):
                         row[f"{variant}_ran_fused_op"] = runs_fused_op(functions[variant], inputs)
                 set_experts_impl(module, "grouped_mm")
                 if "lynx:binning+fused" in sweep:
@@ -158,7 +161,7 @@ def format_row(row, variants):
     if "op_ms" in row:
         cells.append(f"op {row['op_ms']:.2f} ms ({row['op_bandwidth_fraction']:.0%} of bandwidth), "
                      f"grouped_mm {row['library_grouped_mm_ms']:.2f} ms, limit {row['bandwidth_limit_ms']:.2f} ms")
-    unfused = [v for v in variants if row.get(f"{v}_ran_fused_op") is False]
+    unfused = [v for v in variants if "fused" in v and row.get(f"{v}_ran_fused_op") is False]
     if unfused:
         cells.append(f"WARNING: {', '.join(unfused)} did not run lynx.moe_experts")
     return " ".join(cells)
@@ -176,7 +179,9 @@ def markdown(rows, info) -> str:
         for r in case_rows:
             cells = [str(r["batch"])]
             for v in variants:
-                mark = "" if r.get(f"{v}_ran_fused_op", True) else " (not fused!)"
+                mark = "" if r.get(f"{v}_ran_fused_op", True) or "fused" not in v else " (not fused!)"
+                if v.endswith("+auto") and f"{v}_ran_fused_op" in r:
+                    mark = " fused" if r[f"{v}_ran_fused_op"] else " kept"
                 cells.append(f"{r[f'{v}_ms']:.1f} ({r[f'{v}_speedup']:.2f}x){mark}")
             cells.append(f"{r['experts_before']:.1f} -> {r['experts_after']:.1f}")
             cells.append(f"{r['selection_time_ratio']:.2f}x for {r['selection_experts_ratio']:.2f}x")

@@ -155,17 +155,17 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         if isinstance(found, str):
             site.experts = f"kept: {found}"
             continue
-        if config.experts == "auto":
-            keeps = auto_keeps_dispatch(fm.fake_value(found.hidden))
-            if keeps:
-                site.experts = f"kept: {keeps}"
-                continue
         inductor = config.experts == "inductor"  # grouped GEMMs Inductor compiles (fuse_experts_inductor.py)
         unsupported = None if inductor else unsupported_reason(
             *(fm.fake_value(node) for node in (found.hidden, *found.params)))
         if unsupported:
             site.experts = f"kept: {found.kind} dispatch, {unsupported}"
             continue
+        if config.experts == "auto":  # both could run: which is faster on this CPU
+            keeps = auto_keeps_dispatch(fm.fake_value(found.hidden))
+            if keeps:
+                site.experts = f"kept: {keeps}"
+                continue
         layout = match_layout(found)
         if isinstance(layout, str):
             site.experts = f"kept: {found.kind} dispatch, {layout}"

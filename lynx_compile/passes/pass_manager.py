@@ -35,7 +35,7 @@ from .. import logs
 from ..compat import CUSTOM_PASS_LISTS
 from ..config import LynxConfig
 from ..lowering.expand_batch_select import expand_batch_select
-from ..lowering.kernels.choice import cpu_features
+from ..lowering.kernels.choice import decision_key
 from .find_routing import RoutingSite, find_routing_sites
 from .fuse_experts import fuse_expert_dispatches
 from .max_routing import canonicalize_max_routing
@@ -81,9 +81,9 @@ class LynxPostGradPass(CustomGraphPass):
             self.on_report(GraphReport(sites, before, after_rewrite, lowered))
 
     def uuid(self) -> str:
-        # The CPU's features decide experts="auto" (lowering/kernels/choice.py): part of the key.
+        # The CPU's features (or LYNX_EXPERTS_AUTO) decide experts="auto" (lowering/kernels/choice.py).
         return hashlib.sha256(
-            f"{_source_hash()}|{self.config!r}|record={self.record}|switchable={self.switchable}|{cpu_features()}"
+            f"{_source_hash()}|{self.config!r}|record={self.record}|switchable={self.switchable}|{decision_key()}"
             .encode()).hexdigest()
 
 

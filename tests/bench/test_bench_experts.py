@@ -28,8 +28,13 @@ def test_fused_variants_run_the_fused_op_even_after_the_eager_loop_variant():
     torch.manual_seed(0)
     block = bench.mixtral_block(64, 96, 8, 2)
     variants = ["inductor:grouped_mm", "inductor:batched_mm", "lynx:none+fused",
-                "lynx:binning+eager-loop", "lynx:binning+fused"]  # the order that used to break it
+                "lynx:binning+eager-loop", "lynx:binning+fused", "lynx:binning+auto"]  # the order that used to break it
     [row] = bench.run_case("tiny-block", block, lambda b: torch.randn(b, 1, 64, dtype=torch.bfloat16), (4,),
                            repeats=1, variants=variants)
     assert row["lynx:none+fused_ran_fused_op"] and row["lynx:binning+fused_ran_fused_op"]
+    # the default options' variant records what experts="auto" chose on this CPU (bf16 block)
+    from lynx_compile.lowering.kernels.choice import auto_keeps_dispatch
+
+    auto_fuses = auto_keeps_dispatch(torch.empty(4, 64, dtype=torch.bfloat16)) is None
+    assert row["lynx:binning+auto_ran_fused_op"] == auto_fuses
     assert row["experts_after"] <= row["experts_before"]

@@ -119,7 +119,8 @@ def test_eager_experts_keep_their_loop_with_the_reason():
     (LynxConfig(experts="keep"), False),
     (LynxConfig(), True),
 ])
-def test_config_decides(config, fused):
+def test_config_decides(config, fused, monkeypatch):
+    monkeypatch.setenv("LYNX_EXPERTS_AUTO", "fused")  # "auto" where it fuses; the CPU's own choice is tested below
     backend, _ = run_pass_only(moe_block("qwen3_moe"), decode_hidden(4), config)
     assert backend.total("after", MOE_EXPERTS) == int(fused)
 
@@ -160,7 +161,8 @@ def top_level_arguments(call_tail: str) -> list[str]:
     return arguments + [current.strip()]
 
 
-def test_explain_reports_the_experts_decision():
+def test_explain_reports_the_experts_decision(monkeypatch):
+    monkeypatch.setenv("LYNX_EXPERTS_AUTO", "fused")
     report = lynx_compile.explain(moe_block("mixtral"), decode_hidden(8))
     [site] = report.routing_sites
     assert site.experts.startswith("fused: grouped_mm dispatch")
@@ -258,6 +260,7 @@ def test_a_dtype_no_kernel_takes_leaves_the_dispatch_and_runs(arch, experts_impl
 def test_auto_decides_from_the_cpu_it_runs_on(monkeypatch, bf16_dot_products, dtype, fused):
     from lynx_compile.lowering.kernels import choice
 
+    monkeypatch.delenv(choice.AUTO_ENV, raising=False)  # the CPU decides here, whatever the suite forces
     monkeypatch.setattr(choice, "cpu_has_bf16_dot_products", lambda: bf16_dot_products)
     backend, _ = run_pass_only(moe_block("mixtral", dtype=dtype), decode_hidden(8, dtype), LynxConfig())
     [site] = backend.routing_sites
@@ -267,3 +270,26 @@ def test_auto_decides_from_the_cpu_it_runs_on(monkeypatch, bf16_dot_products, dt
         assert site.experts.startswith("kept: experts='auto' on a") and "experts='fused' forces" in site.experts
     forced, _ = run_pass_only(moe_block("mixtral", dtype=dtype), decode_hidden(8, dtype), LynxConfig(experts="fused"))
     assert forced.total("after", MOE_EXPERTS) == 1
+
+
+@pytest.mark.parametrize("forced, fused", [("fused", True), ("keep", False)])
+def test_lynx_experts_auto_forces_either_outcome_on_any_cpu(monkeypatch, forced, fused):
+    """LYNX_EXPERTS_AUTO overrides the CPU's decision, so both outcomes are tested on any machine."""
+    from lynx_compile.lowering.kernels import choice
+
+    monkeypatch.setenv(choice.AUTO_ENV, forced)
+    backend, _ = run_pass_only(moe_block("mixtral", dtype=torch.bfloat16), decode_hidden(8, torch.bfloat16),
+                               LynxConfig())
+    [site] = backend.routing_sites
+    assert site.rewritten and backend.total("after", MOE_EXPERTS) == int(fused)
+    if not fused:
+        assert "LYNX_EXPERTS_AUTO=keep" in site.experts
+    assert f"auto={forced}" in choice.decision_key()
+
+
+def test_a_bad_lynx_experts_auto_names_the_variable(monkeypatch):
+    from lynx_compile.lowering.kernels import choice
+
+    monkeypatch.setenv(choice.AUTO_ENV, "fast")
+    with pytest.raises(ValueError, match="LYNX_EXPERTS_AUTO='fast'; expected one of fused, keep"):
+        choice.forced_auto()

@@ -22,7 +22,7 @@ def compile_and_run(module, hidden, config):
 def test_decode_site_becomes_a_topk_site_and_is_rewritten_and_fused(form, mask):
     torch.manual_seed(0)
     module = RepeatedMaxMoE(form, mask, activated=3).eval()
-    backend, _ = compile_and_run(module, torch.randn(8, 1, 32), LynxConfig())
+    backend, _ = compile_and_run(module, torch.randn(8, 1, 32), LynxConfig(experts="fused"))
     [site] = backend.routing_sites
     assert site.router_form == "softmax(linear), top-k as 3 rounds of max + mask"
     assert site.rewritten and site.experts.startswith("fused:"), site.experts

@@ -17,12 +17,29 @@ bf16 natively. Measured (README, "Expert compute"):
 
 The decision is made when a graph is compiled, in the process that runs it, and the CPU's
 features are part of the pass's cache key, so a cached graph never carries another CPU's choice.
-`experts="fused"` or `"keep"` override it.
+`experts="fused"` or `"keep"` override it for one compile; the environment variable
+`LYNX_EXPERTS_AUTO=fused|keep` forces what `"auto"` decides for the whole process (tests use it to
+check both outcomes on any CPU; it is part of the cache key too).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+AUTO_ENV = "LYNX_EXPERTS_AUTO"
+AUTO_OUTCOMES = ("fused", "keep")  # what LYNX_EXPERTS_AUTO may force; unset: decided from the CPU
+
+
+def forced_auto() -> str | None:
+    """The outcome LYNX_EXPERTS_AUTO forces ("fused" or "keep"), or None (decide from the CPU).
+
+    Raises ValueError naming the variable for any other value."""
+    value = os.environ.get(AUTO_ENV, "")
+    if value and value not in AUTO_OUTCOMES:
+        raise ValueError(f"{AUTO_ENV}={value!r}; expected one of {', '.join(AUTO_OUTCOMES)} (or unset)")
+    return value or None
 
 
 def cpu_has_bf16_dot_products() -> bool:
@@ -31,7 +48,7 @@ def cpu_has_bf16_dot_products() -> bool:
 
 
 def cpu_features() -> str:
-    """A short description of what the decision reads, e.g. "AVX2" or "AVX512+bf16+amx"."""
+    """A short description of the CPU the decision reads, e.g. "AVX2" or "AVX512+bf16+amx"."""
     parts = [torch.backends.cpu.get_cpu_capability()]
     if torch.cpu._is_avx512_bf16_supported():
         parts.append("bf16")
@@ -40,11 +57,21 @@ def cpu_features() -> str:
     return "+".join(parts)
 
 
+def decision_key() -> str:
+    """Everything `experts="auto"` decides from, for the pass's cache key: the CPU and any forcing."""
+    return f"{cpu_features()}|auto={forced_auto() or 'cpu'}"
+
+
 def auto_keeps_dispatch(hidden: torch.Tensor) -> str | None:
     """Why `experts="auto"` keeps the model's own dispatch for this hidden state, or None to fuse.
 
     hidden: (T, H), a fake tensor is enough (only device and dtype are read).
     """
+    forced = forced_auto()
+    if forced == "fused":
+        return None
+    if forced == "keep":
+        return f"experts='auto' forced to keep the model's dispatch ({AUTO_ENV}=keep)"
     if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 and cpu_has_bf16_dot_products():
         return (f"experts='auto' on a {cpu_features()} CPU: the model's own bf16 GEMMs (oneDNN, native bf16) "
                 "were measured faster than lynx.moe_experts here; experts='fused' forces the fused op")
