@@ -23,20 +23,13 @@ Writes bench/results/bench_decode_model.json and .png.
 
 from __future__ import annotations
 
-import argparse
 import json
-import pathlib
-import statistics
-import sys
 
 import torch
 import transformers
 
 import lynx_compile
-from lynx_compile import machine
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_moe import RESULTS, machine_line, save_results, spread_routers, time_call  # noqa: E402
+from common import RESULTS, machine_line, pyplot, save_results, spread_routers, start, time_call
 
 CACHE_TOKENS = 256
 LAYERS, HIDDEN = 4, 1024
@@ -169,11 +162,7 @@ def markdown(rows, info, fits) -> str:
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cases = list(dict.fromkeys(r["case"] for r in rows))
     fig, axes = plt.subplots(2, len(cases), figsize=(6 * len(cases), 8), squeeze=False)
     for column, case in enumerate(cases):
@@ -209,21 +198,19 @@ def write_results(info, rows) -> None:
     (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
 
 
-def main():
-    torch._dynamo.config.recompile_limit = 64
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+def arguments(parser):
     parser.add_argument("--models", nargs="+", default=["qwen3-moe-shaped", "mixtral-shaped"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--from-json", action="store_true", help="redraw the table and plot from the last run")
-    args = parser.parse_args()
+
+
+def main():
+    args, info = start(__doc__, arguments)
     if args.from_json:
         saved = json.loads((RESULTS / "bench_decode_model.json").read_text())
         write_results(saved["machine"], saved["rows"])
         return
     batches = args.batch_sizes or ((1, 16) if args.quick else (1, 4, 8, 16, 32, 64))
-    info = machine.describe()
-    print(f"machine: {info}")
     rows = []
     for shape in args.models:
         rows += run_model(shape, batches, repeats=5)

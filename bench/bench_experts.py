@@ -28,19 +28,14 @@ Writes bench/results/bench_experts.json and .png; the machine (ISA, kernel path)
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import statistics
-import sys
 
 import torch
 
 import lynx_compile
-from lynx_compile import machine
+from common import RESULTS, machine_line, mixtral_block, pyplot, save_results, start, time_call
 from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_moe import RESULTS, machine_line, mixtral_block, save_results, time_call  # noqa: E402
+from lynx_compile.lowering.moe_experts_reference import ExpertWeights
 
 SKEW_LOGITS = 2.0  # how far the shared component raises the favoured experts' logits
 FAVOURED = (0, 1, 2)
@@ -143,8 +138,7 @@ def fused_op_alone(block, inputs, weights, bandwidth, repeats):
     present = ids.unique().numel()
     w_gate, w_up, w_down = weights
     bytes_read = present * (w_gate[0].numel() + w_up[0].numel() + w_down[0].numel()) * w_gate.element_size()
-    ms = time_call(lambda: moe_experts_cpu(hidden, routing_weights, ids, w_gate, w_up, w_down,
-                                           None, None, None, "silu"), repeats=repeats)
+    ms = time_call(lambda: moe_experts_cpu(hidden, routing_weights, ids, ExpertWeights(w_gate, w_up, w_down, None, None, None, "silu")), repeats=repeats)
     set_experts_impl(block, "grouped_mm")
     library_ms = time_call(lambda: block.experts(hidden, ids, routing_weights), repeats=repeats)
     limit_ms = bytes_read / (bandwidth * 1e9) * 1e3
@@ -195,11 +189,7 @@ def markdown(rows, info) -> str:
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cases = list(dict.fromkeys(r["case"] for r in rows))
     fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
     for axis, case in zip(axes[0], cases):
@@ -217,16 +207,10 @@ def plot(rows, path):
 
 
 def main():
-    torch._dynamo.config.recompile_limit = 64  # several backends compile the same code objects
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args, info = start(__doc__)
     batches = (1, 16) if args.quick else (1, 8, 16, 32, 64)
     repeats = 5
-
-    info = machine.describe()
     bandwidth = info["read_bandwidth_gbs"]
-    print(f"machine: {info}")
     block_variants = list(VARIANTS)
     fine_variants = [v for v in VARIANTS if "eager-loop" not in v]  # a 64-expert Python loop: slow to compile
     rows = []

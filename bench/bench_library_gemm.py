@@ -27,9 +27,10 @@ from torch._inductor.utils import run_and_get_code
 
 from lynx_compile import machine
 from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
+from lynx_compile.lowering.moe_experts_reference import ExpertWeights
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_moe import RESULTS, time_call  # noqa: E402
+from common import RESULTS, time_call  # noqa: E402
 
 HIDDEN, INTER = 1024, 2816
 
@@ -64,8 +65,7 @@ def main():
         for n in (1, 4, 16):
             x = torch.randn(n, HIDDEN).bfloat16()
             ids, weights = torch.zeros(n, 1, dtype=torch.int64), torch.ones(n, 1)
-            lynx_ms = time_call(lambda: moe_experts_cpu(x, weights, ids, w_gate[None], w_up[None], w_down[None],
-                                                        None, None, None, "silu"), repeats=20)
+            lynx_ms = time_call(lambda: moe_experts_cpu(x, weights, ids, ExpertWeights(w_gate[None], w_up[None], w_down[None], None, None, None, "silu")), repeats=20)
             aten_ms = time_call(lambda: three_gemms(x, w_gate, w_up, w_down), repeats=20)
             torch._dynamo.reset()
             with torch._inductor.config.patch(freezing=True):

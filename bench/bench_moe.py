@@ -12,53 +12,17 @@ bench/results/bench_moe.json and bench/results/bench_moe.png.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
 import statistics
 import sys
-import time
 
 import torch
-import transformers
 
 import lynx_compile
-from lynx_compile import machine
+from common import mixtral_block, pyplot, save_results, start, time_call
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 from small_model import small_mixtral  # noqa: E402  (the demo's model)
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-ROUTER_LOGIT_STD = 1.5
-
-
-def spread_routers(model: torch.nn.Module, hidden_size: int) -> None:
-    for name, param in model.named_parameters():
-        if name.endswith(("gate.weight", "router.weight")) and param.dim() == 2:
-            torch.nn.init.normal_(param, std=ROUTER_LOGIT_STD / hidden_size ** 0.5)
-
-
-def mixtral_block(hidden=1024, intermediate=2816, experts=8, top_k=2):
-    config = transformers.MixtralConfig(hidden_size=hidden, intermediate_size=intermediate,
-                                        num_local_experts=experts, num_experts_per_tok=top_k)
-    config._experts_implementation = "grouped_mm"  # transformers' default, set by from_pretrained
-    block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock(config)
-    torch.nn.init.normal_(block.experts.gate_up_proj, std=0.02)
-    torch.nn.init.normal_(block.experts.down_proj, std=0.02)
-    spread_routers(block, hidden)
-    return block.to(torch.bfloat16).eval()
-
-
-def time_call(fn, *args, repeats: int) -> float:
-    for _ in range(3):
-        fn(*args)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
 
 def run_case(name, module, make_input, batches, repeats):
     variants = {
@@ -94,11 +58,7 @@ def format_row(row):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cases = sorted({r["case"] for r in rows})
     fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4), squeeze=False)
     for axis, case in zip(axes[0], cases):
@@ -111,33 +71,11 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def machine_line(info) -> str:
-    """The machine, as the first line of a bench's markdown table (from lynx_compile.machine.describe())."""
-    return (f"Machine: {info['cpu_features']}, {info['cores']} cores, kernel path `{info['lynx_cpu_kernel']}`, "
-            f"read bandwidth {info['read_bandwidth_gbs']} GB/s, torch {info['torch']}, "
-            f"transformers {info['transformers']}.")
-
-
-def save_results(stem, info, rows, plot_rows):
-    """bench/results/<stem>.json (machine + rows) and <stem>.png (drawn by `plot_rows`)."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    plot_rows(rows, RESULTS / f"{stem}.png")
-    print(f"wrote {RESULTS / f'{stem}.json'} and {RESULTS / f'{stem}.png'}")
-
-
 def main():
-    # Two backends compile the same module's code objects; give Dynamo room for both.
-    torch._dynamo.config.recompile_limit = 64
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args, info = start(__doc__)
     batches = (1, 16) if args.quick else (1, 8, 16, 32, 64)
     repeats = 5 if args.quick else 15
     torch.manual_seed(0)
-
-    info = machine.describe()
-    print(f"machine: {info}")
     print(HEADER)
     rows = run_case("mixtral-block", mixtral_block(), lambda b: torch.randn(b, 1, 1024, dtype=torch.bfloat16),
                     batches, repeats)

@@ -24,6 +24,7 @@ import torch
 
 from lynx_compile import machine
 from lynx_compile.eval import decode, harness, tasks
+from lynx_compile.eval.checkpoints import resolve_checkpoint
 
 RESULTS = Path(__file__).parent / "results" / "dead_rows.json"
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = harness.DYNAMO_LIMITS["recompile_limit"]
-    path = harness.resolve_checkpoint("coarse")
+    path = resolve_checkpoint("coarse")
     results = {"machine": machine.describe(), "problems": args.problems, "batch": args.batch, "cases": {}}
 
     setups = {"lynx, dead rows masked": ({}, True), "lynx, every row votes": ({}, False),

@@ -60,8 +60,8 @@ import lynx_compile  # noqa: E402
 from lynx_compile import machine  # noqa: E402
 from lynx_compile.backend import lynx_backend  # noqa: E402
 from lynx_compile.lowering import grouped_mm_experts as gmm  # noqa: E402
-from lynx_compile.lowering.kernels import fused_moe_triton as fmt  # noqa: E402
-from lynx_compile.lowering.moe_experts_reference import fused_moe_reference  # noqa: E402
+
+from lynx_compile.lowering.moe_experts_reference import ExpertWeights, fused_moe_reference  # noqa: E402
 
 HBM_PEAK_BYTES_S = 4.8e12  # H200
 ROUTER_LOGIT_STD = 1.5
@@ -205,8 +205,7 @@ def split_gate_up(w_gate_up, b_gate_up, order):
 
 def triton_op_call(hidden, weights, ids, w_gate_up, w_down, b_gate_up, b_down, activation, order):
     w_gate, w_up, b_gate, b_up = split_gate_up(w_gate_up, b_gate_up, order)
-    return torch.ops.lynx.fused_moe_triton(hidden, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                                           activation, 1.702, 7.0)
+    return torch.ops.lynx.fused_moe_triton(hidden, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, 1.702, 7.0)
 
 
 def inductor_experts_call(hidden, weights, ids, w_gate_up, w_down, b_gate_up, b_down, activation, order):
@@ -229,7 +228,7 @@ def check_correctness(records: list, settings: Settings) -> None:
         for case_name, case in correctness_cases(settings, dtype).items():
             hidden, weights, ids, w_gate_up, w_down, b_gate_up, b_down, activation, order = case
             w_gate, w_up, b_gate, b_up = split_gate_up(w_gate_up, b_gate_up, order)
-            expected = fused_moe_reference(hidden, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+            expected = fused_moe_reference(hidden, weights, ids, ExpertWeights(w_gate, w_up, w_down, b_gate, b_up, b_down, activation))
             for variant, (fn, skip) in variants.items():
                 record = {"variant": variant, "dtype": str(dtype).removeprefix("torch."), "case": case_name}
                 if skip is None and "compiled" in variant and settings.compiled_cases \

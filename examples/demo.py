@@ -27,6 +27,7 @@ import transformers
 import lynx_compile
 from lynx_compile import machine
 from lynx_compile.eval import decode, harness, tasks
+from lynx_compile.eval.checkpoints import resolve_checkpoint
 
 VARIANTS = (harness.Variant("default Inductor", "inductor"),
             harness.Variant("lynx policy none", "lynx", {"policy": "none"}),
@@ -72,7 +73,7 @@ def main():
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars, once per variant
     torch._dynamo.config.recompile_limit = harness.DYNAMO_LIMITS["recompile_limit"]
 
-    path = harness.resolve_checkpoint(args.checkpoint)
+    path = resolve_checkpoint(args.checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     config = transformers.AutoConfig.from_pretrained(path)
     problems = tasks.generation_problems(args.task, tokenizer, args.problems, config.max_position_embeddings)

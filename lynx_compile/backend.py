@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from .config import LynxConfig, LynxOptionsError
+from .config import LynxConfig
+from .errors import LynxOptionsError
 from .lowering import ops as _ops  # noqa: F401  (defines the lynx:: operators)
 from .passes.pass_manager import GraphReport, LynxPostGradPass, inductor_patches
 from .record import active_recorder
@@ -40,8 +41,8 @@ def compile_with_lynx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
                       on_report: Callable[[GraphReport], None] | None = None,
                       switchable: bool = False) -> Callable[..., Any]:
     """Inductor with lynx's pass. record: the recording variant; switchable: calibration's graph
-    whose sites' settings are chosen at run time (`calibration/switch.py`; it reports to record()
-    itself, so it needs no recording variant)."""
+    whose sites' settings are chosen at run time (`lowering/switch_select.py`; it reports to
+    record() itself, so it needs no recording variant)."""
     patches = _mode_patches(mode)
     patches.update(inductor_patches(LynxPostGradPass(config, record=record, on_report=on_report,
                                                      switchable=switchable)))

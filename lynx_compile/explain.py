@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .backend import compile_with_lynx
 from .config import LynxConfig
 from .passes.pass_manager import GraphReport
 
@@ -91,8 +92,6 @@ class ExplainReport:
 def explain(model: torch.nn.Module, *example_args: Any, config: LynxConfig | None = None,
             **example_kwargs: Any) -> ExplainReport:
     """Compile `model` with lynx, run it on the example inputs, and report every top-k found."""
-    from .backend import compile_with_lynx
-
     config = config or LynxConfig()
     graph_reports: list[GraphReport] = []
 

@@ -17,20 +17,19 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lynx_compile import policies
+from lynx_compile.config import LynxConfig
+from lynx_compile.explain import explain
+from lynx_compile.eval import checkpoints
 
 
 def parser() -> argparse.ArgumentParser:
-    from lynx_compile import policies
-
     p = argparse.ArgumentParser(prog="lynx-compile explain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="a shipped checkpoint's name (coarse, fine) or a local HF MoE checkpoint directory")
+    checkpoints.add_arguments(p)
     p.add_argument("--batch", type=int, default=16, help="sequences in the decode step (default 16)")
     p.add_argument("--past", type=int, default=8, help="tokens already in the KV cache (default 8)")
     p.add_argument("--policy", choices=policies.POLICIES, default=None, help="default: affinity_binning")
     p.add_argument("--plan", type=Path, default=None, help="a plan JSON (lynx-compile calibrate --out)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--graphs", action="store_true", help="also print the graph before and after lynx's rewrite")
     return p
 
@@ -52,30 +51,21 @@ def decode_inputs(model, batch: int, past: int, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    import transformers
-
-    import lynx_compile
-    from lynx_compile.eval import harness
-
     cli = parser()
     args = cli.parse_args(argv)
     if args.batch < 1 or args.past < 1:
         cli.error(f"--batch and --past must be positive, got {args.batch} and {args.past}")
-    try:
-        path = harness.resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as error:
-        cli.error(str(error))
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
+    path, model = checkpoints.load_from_args(cli, args)
     options = {"pad_token_id": model.config.pad_token_id}  # as eval and generate() run lynx
     if args.policy:
         options["policy"] = args.policy
     if args.plan:
         options["plan"] = str(args.plan)
     try:
-        config = lynx_compile.LynxConfig.from_options(options)
+        config = LynxConfig.from_options(options)
     except ValueError as error:
         cli.error(str(error))
-    report = lynx_compile.explain(model, **decode_inputs(model, args.batch, args.past), config=config)
+    report = explain(model, **decode_inputs(model, args.batch, args.past), config=config)
     print(f"{path.name}: one decode step, B={args.batch}, {args.past} tokens cached")
     print(report)
     if args.graphs:

@@ -28,6 +28,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import LynxOptionsError
+from .policies import check_parameters
+
 FORMAT = "lynx-plan"
 VERSION = 1
 
@@ -59,8 +62,6 @@ def load_plan(value: str | os.PathLike | dict | Plan) -> Plan:
     """A path to a plan JSON file, or the plan's dict, or a Plan -> a validated Plan.
 
     Raises LynxOptionsError (a ValueError) naming the file and the problem."""
-    from .config import LynxOptionsError
-
     if isinstance(value, Plan):
         return value
     if isinstance(value, dict):
@@ -83,8 +84,6 @@ def load_plan(value: str | os.PathLike | dict | Plan) -> Plan:
 
 
 def _parse(data: Any, source: str) -> Plan:
-    from .config import LynxOptionsError, check_policy_parameters
-
     def fail(problem: str) -> None:
         where = f"plan file {source!r}" if source != "<dict>" else "the plan dict"
         raise LynxOptionsError(f"lynx: option 'plan': {where}: {problem}")
@@ -106,7 +105,7 @@ def _parse(data: Any, source: str) -> Plan:
         if not isinstance(params, dict):
             fail(f"site {name!r}: 'params' must be an object, got {params!r}")
         try:
-            check_policy_parameters(entry["policy"], params)
+            check_parameters(entry["policy"], params)
         except LynxOptionsError as error:
             fail(f"site {name!r}: {str(error).removeprefix('lynx: ')}")
         entries.append((name, PlanEntry(entry["policy"], tuple(sorted(params.items())))))

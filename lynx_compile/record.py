@@ -45,14 +45,19 @@ class SelectionCall:
     remapped: int = 0  # of those, choices of an expert outside the token's own plain top-k
 
 
+def site_names_by_storage(model: torch.nn.Module | None) -> dict[int, str]:
+    """Parameter storage address -> the name of the module owning it ("model.layers.0.mlp.gate"):
+    how a router weight seen at run time names its routing site, whichever graph it runs in."""
+    if model is None:
+        return {}
+    return {param.data_ptr(): name.rsplit(".", 1)[0] if "." in name else name
+            for name, param in model.named_parameters()}
+
+
 class Recorder:
     def __init__(self, model: torch.nn.Module | None = None) -> None:
         self.calls: dict[str, list[SelectionCall]] = defaultdict(list)
-        self._names_by_storage: dict[int, str] = {}
-        if model is not None:
-            for name, param in model.named_parameters():
-                owner = name.rsplit(".", 1)[0] if "." in name else name
-                self._names_by_storage[param.data_ptr()] = owner
+        self._names_by_storage = site_names_by_storage(model)
 
     def site_name(self, fallback: str, router_weight: torch.Tensor) -> str:
         return self._names_by_storage.get(router_weight.data_ptr(), fallback)

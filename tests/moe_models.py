@@ -114,7 +114,9 @@ class PassOnlyBackend:
     Keeps op counts before and after the pass of every compiled graph, and lynx's reports.
     """
 
-    def __init__(self, config: LynxConfig | None = None, record: bool = False) -> None:
+    def __init__(self, config: LynxConfig | None = None, record: bool = False, run_pass: bool = True) -> None:
+        """run_pass=False: keep the aten graphs as Inductor would hand them to its post-grad passes."""
+        self.run_pass = run_pass
         self.reports = []
         self.lynx_pass = LynxPostGradPass(config or LynxConfig(), record=record, on_report=self.reports.append)
         self.before: list[collections.Counter] = []
@@ -124,6 +126,9 @@ class PassOnlyBackend:
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs):
         self.before.append(count_ops(gm.graph))
+        if not self.run_pass:
+            self.graphs.append(gm)
+            return gm
         self.lynx_pass(gm.graph)
         gm.recompile()
         self.after.append(count_ops(gm.graph))

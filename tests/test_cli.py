@@ -9,7 +9,7 @@ import pytest
 from lynx_compile import LynxConfig
 from lynx_compile.calibration.__main__ import parse_budget
 from lynx_compile.cli import main
-from lynx_compile.eval import harness
+from lynx_compile.eval import checkpoints
 from moe_models import tiny_model
 
 
@@ -19,7 +19,7 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_checkpoint")
     tiny_model("qwen3_moe", num_layers=2, vocab_size=4096, pad_token_id=1).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(harness.CHECKPOINTS / "coarse" / name, path / name)
+        shutil.copy(checkpoints.CHECKPOINTS / "coarse" / name, path / name)
     return path
 
 

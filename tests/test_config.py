@@ -58,9 +58,8 @@ def test_bad_option_surfaces_from_torch_compile_as_value_error():
 def test_default_alpha_beta_follow_sparsity():
     assert default_alpha_beta(8, 2) == (0.7, 1)  # Mixtral: coarse
     assert default_alpha_beta(128, 8) == (3.0, 2)  # Qwen3-30B-A3B: fine-grained
-    config = LynxConfig(beta=4)
-    assert config.resolved_alpha_beta(64, 8) == (3.0, 4)
-    assert config.resolved_confidence_gap(3.0) == pytest.approx(1 / 3)
+    assert LynxConfig(beta=4).site_setting("gate", 64, 8).params_dict() == {
+        "alpha": 3.0, "beta": 4, "confidence_gap": pytest.approx(1 / 3)}
 
 
 @pytest.mark.parametrize("options, expected", [

@@ -2,11 +2,11 @@
 every routing site, and pick per site under an accuracy budget (`procedure.py`: the method,
 its cost, its approximation).
 
-    switch.py     one compiled graph whose sites' settings are chosen at run time
-    measure.py    teacher-forced decode passes; KL and top-1 agreement against a reference pass
+    measure.py    teacher-forced decode passes (KL and top-1 agreement: eval/fidelity.py)
     choose.py     one setting per site: most experts saved within the budget (knapsack)
     data.py       default calibration windows (training split of the code corpus)
-    procedure.py  the whole procedure; writes a plan (`lynx_compile/plan.py`)
+    procedure.py  the whole procedure, on one compiled graph whose sites' settings are chosen at
+                  run time (`lowering/switch_select.py`); writes a plan (`lynx_compile/plan.py`)
 """
 
 from .procedure import calibrate, candidate_settings, plan_table

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from lynx_compile.eval import tasks
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lynx_compile.calibration.choose import check_budget
+from lynx_compile.calibration.data import default_batches
+from lynx_compile.calibration.procedure import calibrate, plan_table
+from lynx_compile.config import LynxConfig
+from lynx_compile.eval import checkpoints, tasks
 
 
 def parse_budget(text: str) -> dict[str, float]:
@@ -32,8 +34,6 @@ def parse_budget(text: str) -> dict[str, float]:
         if not sep:
             raise argparse.ArgumentTypeError(f"budget {text!r}: expected kl=<nats per token> and/or "
                                              f"top1_agreement=<floor>, comma-separated")
-    from lynx_compile.calibration.choose import check_budget
-
     try:
         return check_budget(budget)
     except ValueError as error:
@@ -42,15 +42,13 @@ def parse_budget(text: str) -> dict[str, float]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lynx-compile calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="a shipped checkpoint's name (coarse, fine) or a local HF MoE checkpoint directory")
+    checkpoints.add_arguments(p)
     p.add_argument("--budget", type=parse_budget, default={"kl": 0.01},
                    help="kl=<mean nats per decode token> and/or top1_agreement=<floor>, e.g. kl=0.01 (default)")
     p.add_argument("--batches", type=int, default=4, help="calibration decode batches (default 4)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch = decode batch size (default 16)")
     p.add_argument("--prefix", type=int, default=tasks.CODE_TOKEN_PREFIX, help="prefill tokens per window")
     p.add_argument("--steps", type=int, default=tasks.CODE_TOKEN_STEPS, help="decode steps per window")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help="plan JSON path (default: plan_<checkpoint>.json)")
     p.add_argument("--quiet", action="store_true", help="print only the plan table")
@@ -60,29 +58,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     import transformers
 
-    import lynx_compile
-    from lynx_compile.calibration import plan_table
-    from lynx_compile.calibration.data import default_batches
-    from lynx_compile.eval import harness
-
     cli = parser()
     args = cli.parse_args(argv)
     for name in ("batches", "batch_size", "prefix", "steps"):
         if getattr(args, name) < 1:
             cli.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    try:
-        path = harness.resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as error:
-        cli.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
+    path, model = checkpoints.load_from_args(cli, args)
     out = args.out or Path(f"plan_{path.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     batches = default_batches(tokenizer, args.batches, args.batch_size, args.prefix, args.steps)
-    config = lynx_compile.LynxConfig(pad_token_id=tokenizer.pad_token_id)
-    plan = lynx_compile.calibrate(model, batches, args.budget, prefix=args.prefix, config=config, out=str(out),
+    config = LynxConfig(pad_token_id=tokenizer.pad_token_id)
+    plan = calibrate(model, batches, args.budget, prefix=args.prefix, config=config, out=str(out),
                                   log=None if args.quiet else lambda line: print(line, flush=True))
     plan_info = plan["calibration"]
     print(f"\n{path.name}: budget {args.budget}, {plan_info['decode_tokens']} decode tokens, "

@@ -2,7 +2,8 @@
 
 Method (costs and approximation, also in the README):
 
- 1. Compile the model once with every decode routing site switchable (`switch.py`): one graph
+ 1. Compile the model once with every decode routing site switchable (`switchable_backend`,
+    `lowering/switch_select.py`): one graph
     serves every setting, chosen at run time; no recompilation per setting.
  2. Reference pass: the calibration batches decoded teacher-forced with every site at plain
     top-k; keep every decode step's next-token distribution and, from `record()`, each site's
@@ -29,22 +30,37 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import record as record_module
-from ..config import LynxConfig, SiteSetting, default_alpha_beta, resolve_parameters
+from ..record import record
+from ..backend import compile_with_lynx
+from ..config import LynxConfig
 from ..eval import tasks
+from ..eval.fidelity import fidelity
+from ..lowering.switch_select import use_settings
+from ..policies import SiteSetting, resolve_parameters
+from ..policies.affinity_binning import default_alpha_beta
 from . import choose as choosing
 from .choose import Candidate, check_budget, normalized_cost, within_budget
-from .measure import decode_log_probs, fidelity
-from .switch import switchable_backend, use_settings
+from .measure import decode_log_probs
 
 METHOD = ("per-site costs measured one site at a time (the others at policy none), summed as the combined "
           "cost (knapsack), then the combined plan checked once (tightened and re-checked if over budget)")
 DYNAMO_LIMITS = dict(recompile_limit=64, fail_on_recompile_limit_hit=True)
+
+
+def switchable_backend(config: LynxConfig) -> Callable[..., Any]:
+    """A torch.compile backend: lynx's pass with every decode routing site made switchable
+    (`lynx::switch_select`: its setting read at run time from `use_settings`'s table)."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        return compile_with_lynx(gm, example_inputs, config, switchable=True)
+
+    return backend
 
 
 def candidate_settings(num_experts: int, top_k: int) -> list[tuple[str, dict[str, Any]]]:
@@ -88,7 +104,7 @@ def calibrate(model: torch.nn.Module, batches: list[torch.Tensor] | None = None,
         nonlocal passes
         passes += 1
         with torch._dynamo.config.patch(**DYNAMO_LIMITS), use_settings(model, site_settings), \
-                record_module.record(model) as recorder:
+                record(model) as recorder:
             log_probs = decode_log_probs(compiled, model.config, batches, prefix)
         return log_probs, recorder.summary(decode_only=True)
 

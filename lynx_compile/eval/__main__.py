@@ -23,13 +23,13 @@ import transformers
 
 from lynx_compile import machine
 from lynx_compile.eval import harness, report, tasks
+from lynx_compile.eval.checkpoints import DTYPES, SHIPPED, resolve_checkpoint
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lynx-compile eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", nargs="+", default=list(harness.SHIPPED),
+    p.add_argument("--checkpoint", nargs="+", default=list(SHIPPED),
                    help="shipped checkpoint names (coarse, fine) or local HF MoE checkpoint directories")
     p.add_argument("--task", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 32, 64])
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cli.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
     for checkpoint in args.checkpoint:
         try:
-            harness.resolve_checkpoint(checkpoint)
+            resolve_checkpoint(checkpoint)
         except FileNotFoundError as error:
             cli.error(str(error))
     for spec in args.policies:

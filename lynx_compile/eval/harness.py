@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 import transformers
 
-import lynx_compile
+from lynx_compile.config import LynxConfig
+from lynx_compile.record import record
 from lynx_compile.eval import decode, tasks
-
-CHECKPOINTS = Path(lynx_compile.__file__).parent / "checkpoints"
-SHIPPED = ("coarse", "fine")
+from lynx_compile.eval.checkpoints import resolve_checkpoint
+from lynx_compile.eval.fidelity import fidelity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ def parse_variant(spec: str) -> Variant:
             if not sep:
                 raise ValueError(f"variant {spec!r}: expected POLICY:key=value[,key=value], got {item!r}")
             options[key.strip()] = _number(value.strip())
-    lynx_compile.LynxConfig.from_options(options)  # validate now, not after other variants ran
+    LynxConfig.from_options(options)  # validate now, not after other variants ran
     return Variant(f"lynx:{spec}", "lynx", options)
 
 
@@ -87,15 +87,6 @@ def variants(policies: list[str], eager: bool = False) -> list[Variant]:
     out.append(Variant("inductor", "inductor"))
     out += [parse_variant(spec) for spec in policies]
     return out
-
-
-def resolve_checkpoint(name_or_path: str) -> Path:
-    """A shipped checkpoint's name (``coarse``, ``fine``) or a local checkpoint directory."""
-    path = CHECKPOINTS / name_or_path if name_or_path in SHIPPED else Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{name_or_path!r} is neither a shipped checkpoint {SHIPPED} nor a directory "
-                                f"holding a transformers checkpoint (config.json not found in {path})")
-    return path
 
 
 def load(path: Path, dtype: torch.dtype, variant: Variant):
@@ -142,7 +133,7 @@ def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Varia
     outputs = run(items, timer, progress)
     recorded = None
     if variant.backend == "lynx" and record_batches:
-        with lynx_compile.record(model) as recorded:
+        with record(model) as recorded:
             run(items[:batch * record_batches])
     if task == "code-token":
         correct = (outputs == items[:, prefix + 1:]).flatten().tolist()
@@ -170,8 +161,6 @@ def run_task(model, tokenizer, task: str, batch: int, count: int, variant: Varia
 def add_fidelity(row: dict, reference: torch.Tensor, log_probs: torch.Tensor, baseline: str = "inductor") -> None:
     """Adds ``kl_mean_vs_<baseline>``, ``kl_p99_vs_<baseline>`` (nats per token) and
     ``top1_agreement_vs_<baseline>`` from the same tokens' next-token log-probabilities."""
-    from lynx_compile.calibration.measure import fidelity
-
     measured = fidelity(reference, log_probs)
     row[f"kl_mean_vs_{baseline}"] = round(measured.kl, 6)
     row[f"kl_p99_vs_{baseline}"] = round(measured.kl_p99, 6)

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from .moe_experts_reference import ACTIVATIONS, _activate
+from .moe_experts_reference import ACTIVATIONS, ExpertWeights, activate
 
 GATE_UP_ORDERS = ("halves", "interleaved")
 
@@ -42,15 +42,7 @@ def grouped_mm_experts(
     hidden: torch.Tensor,  # (T, H)
     topk_weights: torch.Tensor,  # (T, k) any float dtype
     topk_ids: torch.Tensor,  # (T, k) int, in [0, E)
-    w_gate: torch.Tensor,  # (E, I, H)
-    w_up: torch.Tensor,  # (E, I, H)
-    w_down: torch.Tensor,  # (E, H, I)
-    b_gate: Optional[torch.Tensor],  # (E, I)
-    b_up: Optional[torch.Tensor],  # (E, I)
-    b_down: Optional[torch.Tensor],  # (E, H)
-    activation: str,  # "silu" or "gpt_oss"
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    experts: ExpertWeights,
 ) -> torch.Tensor:  # (T, H), hidden.dtype
     """`fused_moe_reference`'s computation with gate, up and down as three grouped GEMMs.
 
@@ -61,6 +53,7 @@ def grouped_mm_experts(
     Raises ValueError for an unknown activation. Ids outside [0, E) are not checked (that would
     need a host sync); rows of such pairs fall outside every group and are left undefined.
     """
+    w_gate, w_up, w_down, b_gate, b_up, b_down, activation, alpha, limit = experts
     _check_activation(activation)
     pairs = _sort_pairs(topk_ids, w_gate.shape[0])
     rows = _rows_by_expert(hidden, pairs)  # (P, H)
@@ -135,7 +128,7 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def _down_and_combine(gate, up, w_down, b_down, topk_weights, pairs: _Pairs, hidden, activation, alpha, limit):
     dtype = hidden.dtype
-    act = _activate(gate, up, activation, alpha, limit).to(dtype)  # (P, I)
+    act = activate(gate, up, activation, alpha, limit).to(dtype)  # (P, I)
     down = torch._grouped_mm(act, w_down.transpose(-2, -1), offs=pairs.offsets).float()  # (P, H)
     if b_down is not None:
         down = down + b_down[pairs.sorted_ids].float()

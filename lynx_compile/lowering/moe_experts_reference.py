@@ -9,14 +9,15 @@ Triton kernels: products accumulate in fp32; the gate and up projections and the
 output are rounded to the hidden state's dtype (where a bf16 model rounds them); the down
 projection and the routing-weighted sum over the k slots stay fp32 until the final rounding.
 
-`check_inputs` is the kernels' common argument check; `unsupported_reason` says, from shapes and
-dtypes alone (fake tensors work), why no kernel can run a call, so the fusion pass can leave such
-a dispatch as the model wrote it instead of failing at run time.
+`ExpertWeights` is the one type every kernel takes the experts' parameters in; `check_inputs`
+is the kernels' common argument check (it works on fake tensors: the op's fake runs it);
+`unsupported_reason` says, from shapes and dtypes alone, why no kernel can run a call, so the
+fusion pass can leave such a dispatch as the model wrote it instead of failing at run time.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -29,7 +30,25 @@ KERNEL_DTYPES = {
 }
 
 
-def _activate(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+class ExpertWeights(NamedTuple):
+    """The experts' parameters and activation, as every lynx::moe_experts kernel takes them.
+
+    Views of the model's parameters (any layout with a unit stride along one of the last two
+    dims; nothing is copied). In the op's schema they are the flat arguments after topk_ids, in
+    this order."""
+
+    w_gate: torch.Tensor  # (E, I, H)
+    w_up: torch.Tensor  # (E, I, H)
+    w_down: torch.Tensor  # (E, H, I)
+    b_gate: Optional[torch.Tensor] = None  # (E, I)
+    b_up: Optional[torch.Tensor] = None  # (E, I)
+    b_down: Optional[torch.Tensor] = None  # (E, H)
+    activation: str = "silu"  # "silu" (SwiGLU) or "gpt_oss" (GPT-OSS's clamped SwiGLU)
+    alpha: float = 1.702  # gpt_oss: sigmoid(alpha * gate)
+    limit: float = 7.0  # gpt_oss: gate clamped at limit, up at +-limit
+
+
+def activate(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
     if activation == "silu":
         return torch.nn.functional.silu(g) * u
     if activation == "gpt_oss":  # GPT-OSS's clamped SwiGLU
@@ -43,17 +62,10 @@ def fused_moe_reference(
     hidden: torch.Tensor,  # (T, H)
     topk_weights: torch.Tensor,  # (T, k)
     topk_ids: torch.Tensor,  # (T, k) in [0, E)
-    w_gate: torch.Tensor,  # (E, I, H)
-    w_up: torch.Tensor,  # (E, I, H)
-    w_down: torch.Tensor,  # (E, H, I)
-    b_gate: Optional[torch.Tensor],  # (E, I)
-    b_up: Optional[torch.Tensor],  # (E, I)
-    b_down: Optional[torch.Tensor],  # (E, H)
-    activation: str,
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    experts: ExpertWeights,
 ) -> torch.Tensor:  # (T, H), hidden.dtype
     """The expert computation, looping over the experts present (syncs; for tests and checks)."""
+    w_gate, w_up, w_down, b_gate, b_up, b_down, activation, alpha, limit = experts
     dtype = hidden.dtype
     x32 = hidden.float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (T, H)
@@ -66,7 +78,7 @@ def fused_moe_reference(
             g = g + b_gate[e].float()
         if b_up is not None:
             u = u + b_up[e].float()
-        a = _activate(g.to(dtype), u.to(dtype), activation, alpha, limit).to(dtype)  # (n, I)
+        a = activate(g.to(dtype), u.to(dtype), activation, alpha, limit).to(dtype)  # (n, I)
         y = a.float() @ w_down[e].float().T  # (n, H) fp32 accumulate
         if b_down is not None:
             y = y + b_down[e].float()
@@ -74,8 +86,12 @@ def fused_moe_reference(
     return out.to(dtype)
 
 
-def check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation) -> None:
-    """Raise ValueError naming the first argument whose shape, dtype or value is not valid."""
+def check_inputs(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 experts: ExpertWeights) -> None:
+    """Raise ValueError naming the first argument whose shape, dtype or value is not valid.
+
+    Reads shapes and dtypes only, so fake tensors work (the op's fake implementation runs it)."""
+    w_gate, w_up, w_down, b_gate, b_up, b_down, activation, _, _ = experts
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:

@@ -1,164 +1,59 @@
-"""Batch-aware expert selection: the contract every policy keeps, written in plain torch ops.
-
-This is the body of `lynx::batch_select`. It is traced into the post-grad graph (see
-`expand_batch_select.py`), so every line here becomes an aten op that Inductor generates code
-for; sorts and top-k over the tiny (tokens x experts) matrices stay library calls.
+"""The body of `lynx::batch_select`: a policy's selection on decode batches, plain top-k otherwise.
 
 Legend: T tokens in the batch, E routed experts, k experts per token.
 
-Two layers, so that every policy keeps the same promises:
+    values, indices = batch_select(scores, logits, k, policy, params, decode_token_bound, live)
 
-`select_experts` (the contract, any policy):
-  - a token is *usable* when at least k experts are eligible for it (score > -inf; DeepSeek's
-    group limit masks the rest) and its eligible scores and logits are finite. Rows that are not
-    usable (NaN, +inf, too few eligible experts) get exactly the plain top-k and never vote.
-  - a *voter* is a usable token that is live (`live`: rows the caller marks dead, e.g. finished
-    or padding rows of a decode batch, never vote and never change a live row's choice).
-  - the policy states its preferences from the voters alone (`policies/base.py`): a surviving
-    set (E,) shared by every token, or tiers of (E,) / (T, E) masks, most preferred first;
-    each voter takes its k best eligible experts tier by tier (by its own scores inside a
-    tier), then any eligible expert; sorted like top-k.
-  - invariant: if the voters would then use more distinct experts than their plain top-k, they
-    take their plain top-k instead (a selection never reads more experts than routing would).
-  - dead usable rows take their k best experts among those the voters already load, topped up
-    with their own next-best eligible ones (which are then in their own top-k), so they add no
-    expert a live row or their own top-k does not already need.
-  Values are `scores` gathered at the chosen indices, so whatever the model does after its top-k
-  (renormalize, softmax over the k values, scale) recomputes the routing weights unchanged.
+is a drop-in for `torch.topk(scores, k)` at a routing site (same shapes, dtypes and meaning):
+the policy (`lynx_compile/policies/`) states which experts it prefers from the voting rows, and the
+shared contract (`policies/contract.py:select_experts`) turns that into k distinct experts per
+token. This body is traced into the post-grad graph (`passes/lower_selection.py`), so every line
+becomes aten ops Inductor generates code for.
 
-The policies (`lynx_compile/policies/`, one module each, with the paper it comes from):
-affinity_binning (Lynx), gate_mass_budget (XShare), opportunistic (OEA), none.
+The decode rule lives here, once (`is_decode`): a site the compiler proved decode-only carries
+`NO_DECODE_BOUND`; any other site carries a bound, and a batch of T tokens is decode iff T <= bound
+(the bound is the batch size when seq is symbolic, or `max_decode_tokens`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .. import policies
-from ..policies.base import PreferenceFn
+from ..policies.contract import plain_topk, select_experts
 
 NO_DECODE_BOUND = -1  # decode_token_bound value meaning "every batch at this site is decode"
-DEFAULT_POLICY = "affinity_binning"  # what a batch_select call without a policy argument runs
 
 
-def plain_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    values, indices = torch.topk(scores, k, dim=-1)
-    return values, indices
+def is_decode(num_tokens, decode_token_bound):
+    """Whether a batch of `num_tokens` is a decode batch at a site with this bound.
 
-
-def usable_rows(scores: torch.Tensor, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eligible (T, E), usable (T,)): which experts a token may use; which tokens can be remapped."""
-    eligible = scores > float("-inf")  # NaN compares False
-    finite_scores = (torch.isfinite(scores) | (scores == float("-inf"))).all(dim=-1)
-    finite_logits = (torch.isfinite(logits) | ~eligible).all(dim=-1)
-    usable = (eligible.sum(dim=-1) >= k) & finite_scores & finite_logits
-    return eligible, usable
-
-
-def voting_rows(scores: torch.Tensor, logits: torch.Tensor, k: int, live: torch.Tensor | None) -> torch.Tensor:
-    """(T,) bool: the rows that vote (usable and live)."""
-    _, usable = usable_rows(scores, logits, k)
-    return usable if live is None else usable & live.to(torch.bool)
-
-
-def experts_used(indices: torch.Tensor, rows: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) bool: the experts that `indices` (T, k) uses in the rows where `rows` (T,) is True."""
-    weight = rows.unsqueeze(1).expand(indices.shape).reshape(-1).to(torch.float32)  # (T*k,)
-    hits = torch.zeros(num_experts, dtype=torch.float32, device=indices.device)
-    return hits.scatter_add(0, indices.reshape(-1), weight) > 0
-
-
-def _pick(scores: torch.Tensor, token_order: torch.Tensor, tiers: list[torch.Tensor], k: int) -> torch.Tensor:
-    """(T, k) each token's k best experts, taking tier 0 first, then tier 1, ...; sorted by score.
-
-    token_order: (T, E) each token's experts, best first; tiers: (T, E) or (E,) bool masks; an
-    expert in none of them comes last.
-    """
-    num_experts = scores.shape[1]
-    tier = torch.full_like(token_order, len(tiers))  # (T, E), by expert
-    for level in reversed(range(len(tiers))):
-        tier = torch.where(tiers[level], level, tier)
-    positions = torch.arange(num_experts, device=scores.device)
-    sort_key = tier.gather(1, token_order) * num_experts + positions  # (T, E) distinct per row
-    slots = torch.topk(sort_key, k, dim=-1, largest=False, sorted=True).indices  # (T, k)
-    indices = token_order.gather(1, slots)  # (T, k)
-    by_score = torch.sort(scores.gather(1, indices), dim=-1, descending=True, stable=True).indices
-    return indices.gather(1, by_score)
-
-
-def select_experts(scores: torch.Tensor, logits: torch.Tensor, k: int, preferences: PreferenceFn,
-                   live: torch.Tensor | None = None,
-                   plain_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remap a decode batch onto the experts a policy prefers, under the contract above.
-
-    scores: (T, E) what the model's top-k ranks (-inf: ineligible); logits: (T, E) router logits;
-    preferences: the policy's function (see `policies/base.py`): a surviving set (E,) bool, or
-    tiers of (E,) / (T, E) bool masks; live: (T,) bool or None (every row live); plain_indices:
-    `torch.topk(scores, k).indices` if the caller has it. Returns values (T, k) in scores' dtype
-    and indices (T, k) int64, like `torch.topk(scores, k)`.
-    """
-    num_experts = scores.shape[1]
-    eligible, usable = usable_rows(scores, logits, k)
-    voters = usable if live is None else usable & live.to(torch.bool)
-    if plain_indices is None:
-        plain_indices = torch.topk(scores, k, dim=-1).indices  # (T, k)
-    token_order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (T, E)
-
-    tiers = preferences(eligible, voters, token_order)
-    tiers = [tiers] if isinstance(tiers, torch.Tensor) else list(tiers)
-    picked = _pick(scores, token_order, [tier & eligible for tier in tiers] + [eligible], k)  # (T, k)
-    grows = experts_used(picked, voters, num_experts).sum() > experts_used(plain_indices, voters, num_experts).sum()
-    voter_indices = torch.where(grows, plain_indices, picked)
-
-    if live is None:  # every usable row votes; the rest take their plain top-k
-        indices = torch.where(voters.unsqueeze(1), voter_indices, plain_indices)
-        return scores.gather(1, indices), indices
-    loaded = experts_used(voter_indices, voters, num_experts)  # (E,)
-    dead_indices = _pick(scores, token_order, [loaded & eligible, eligible], k)
-    indices = torch.where(voters.unsqueeze(1), voter_indices,
-                          torch.where(usable.unsqueeze(1), dead_indices, plain_indices))
-    return scores.gather(1, indices), indices
-
-
-def policy_parameters(policy: str, alpha: float, beta: int, confidence_gap: float, expert_budget: int,
-                      keep_top: int) -> dict[str, float | int]:
-    """The op's flat arguments -> the keyword arguments `policy` takes (policies.PARAMETERS)."""
-    given = {"alpha": alpha, "beta": beta, "confidence_gap": confidence_gap, "expert_budget": expert_budget,
-             "keep_top": keep_top}
-    if policy not in policies.PARAMETERS:
-        raise ValueError(f"unknown selection policy {policy!r}; policies: {', '.join(policies.POLICIES)}")
-    return {name: given[name] for name in policies.PARAMETERS[policy]}
+    num_tokens: an int, or a () int64 tensor inside compiled bodies (so a symbolic T never turns
+    into a guard); the result is then a () bool tensor. decode_token_bound: NO_DECODE_BOUND, an int
+    or a SymInt."""
+    if isinstance(decode_token_bound, int) and decode_token_bound == NO_DECODE_BOUND:
+        return True
+    return num_tokens <= decode_token_bound
 
 
 def batch_select(
-    scores: torch.Tensor,  # (T, E)
-    logits: torch.Tensor,  # (T, E)
+    scores: torch.Tensor,  # (T, E) what the model's top-k ranks
+    logits: torch.Tensor,  # (T, E) router logits
     k: int,
-    alpha: float,
-    beta: int,
-    confidence_gap: float,
-    decode_token_bound: int,
-    live: torch.Tensor | None = None,  # (T,) bool or None
-    policy: str = DEFAULT_POLICY,
-    expert_budget: int = 0,
-    keep_top: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`policy`'s selection on decode batches, plain top-k otherwise.
+    policy: str,
+    params: Mapping[str, int | float],  # the policy's parameters, resolved (policies.PARAMETERS)
+    decode_token_bound: int = NO_DECODE_BOUND,
+    live: torch.Tensor | None = None,  # (T,) bool or None (every row votes)
+) -> tuple[torch.Tensor, torch.Tensor]:  # values (T, k) scores.dtype, indices (T, k) int64
+    """`policy`'s selection on decode batches (`is_decode`), plain top-k otherwise.
 
-    alpha, beta: AffinityBinning's; confidence_gap: AffinityBinning's and the gate mass budget's;
-    expert_budget: the gate mass budget's (experts, resolved); keep_top: opportunistic's. A
-    policy reads only its own (policies.PARAMETERS); the others are ignored.
-    decode_token_bound: NO_DECODE_BOUND when the compiler proved this site only sees decode
-    batches; otherwise a batch of T tokens is decode iff T <= decode_token_bound. The test is
-    done on tensors so that a symbolic T never turns into a guard (and a recompile).
-    """
-    params = policy_parameters(policy, alpha, beta, confidence_gap, expert_budget, keep_top)
+    Raises ValueError for an unknown policy or parameters the policy does not take."""
     plain_values, plain_indices = plain_topk(scores, k)
     preferences = policies.preferences(policy, scores, logits, k, **params)
     values, indices = select_experts(scores, logits, k, preferences, live, plain_indices)
     if isinstance(decode_token_bound, int) and decode_token_bound == NO_DECODE_BOUND:
         return values, indices
-    num_tokens = scores.new_full((), scores.shape[0], dtype=torch.int64)
-    is_decode = num_tokens <= decode_token_bound  # () bool tensor
-    return (torch.where(is_decode, values, plain_values),
-            torch.where(is_decode, indices, plain_indices))
+    decode = is_decode(scores.new_full((), scores.shape[0], dtype=torch.int64), decode_token_bound)  # () bool
+    return torch.where(decode, values, plain_values), torch.where(decode, indices, plain_indices)

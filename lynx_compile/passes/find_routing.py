@@ -26,7 +26,8 @@ import dataclasses
 import torch
 from torch.fx import Graph, Node
 
-from ..config import LynxConfig, SiteSetting
+from ..config import LynxConfig
+from ..policies import SiteSetting
 from . import fx_match as fm
 from .fx_match import aten, prims
 from .phase import PhaseDecision, decide_phase
@@ -49,7 +50,7 @@ class RoutingSite:
     phase: PhaseDecision | None = None
     rewritten: bool = False
     experts: str | None = None  # what happened to the expert dispatch after it (fused / kept, why)
-    setting: SiteSetting | None = None  # the policy it runs (set by the rewrite, for selectable sites)
+    setting: SiteSetting | None = None  # what it runs (resolved once, with the phase, for selectable sites)
     dynamo_node: str | None = None
 
     @property
@@ -114,6 +115,8 @@ def classify_topk(topk: Node, config: LynxConfig) -> RoutingSite:
 
     site.phase = decide_phase(site.logits, config)
     site.reason = site.phase.reason
+    if site.phase.selects:
+        site.setting = config.site_setting(site.label, num_experts, k)
     return site
 
 

@@ -38,16 +38,17 @@ compiled graph (float32, misaligned rows, an old torch on CPU; see
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from torch._inductor.pattern_matcher import fwd_only
 from torch.fx import Graph, Node
 
 from ..lowering import grouped_mm_experts as gmm
+from ..lowering.moe_experts_reference import ExpertWeights
 from . import fx_match as fm
+from .dispatch_region import Dispatch
+from .expert_layout import ExpertLayout, View
 
 _ORDER = {"first": "halves", "even": "interleaved"}  # View.part of the gate -> gate_up_order
 
@@ -56,12 +57,12 @@ _ORDER = {"first": "halves", "even": "interleaved"}  # View.part of the gate -> 
 class GroupedMMPlan:
     """Which parameter views feed the grouped GEMMs. `gate_up_order` None: gate and up apart."""
 
-    gate_up: Any  # View of the (E, 2I, H) fused tensor, or of the (E, I, H) gate
-    up: Any  # View (E, I, H), or None when fused
-    down: Any  # View (E, H, I)
-    b_gate_up: Any  # View (E, 2I) or (E, I), or None
-    b_up: Any
-    b_down: Any
+    gate_up: View  # of the (E, 2I, H) fused tensor, or of the (E, I, H) gate
+    up: Optional[View]  # (E, I, H), or None when fused
+    down: View  # (E, H, I)
+    b_gate_up: Optional[View]  # (E, 2I) or (E, I)
+    b_up: Optional[View]
+    b_down: Optional[View]
     gate_up_order: Optional[str]
     activation: str
 
@@ -73,11 +74,8 @@ class GroupedMMPlan:
         return 2 if self.gate_up_order else 3
 
 
-def plan_grouped_mm(dispatch, layout) -> GroupedMMPlan | str:
-    """The grouped-GEMM operands for a dispatch `layout` explains, or why aten cannot take them.
-
-    dispatch, layout: `fuse_experts.Dispatch` and `fuse_experts.ExpertLayout` (duck-typed here so
-    this module does not import the pass that imports it)."""
+def plan_grouped_mm(dispatch: Dispatch, layout: ExpertLayout) -> GroupedMMPlan | str:
+    """The grouped-GEMM operands for a dispatch `layout` explains, or why aten cannot take them."""
     gate, up = layout.gate, layout.up
     fused = gate.param == up.param and gate.transposed == up.transposed and gate.part in _ORDER
     b_fused = layout.b_gate is not None and layout.b_up is not None and layout.b_gate.param == layout.b_up.param
@@ -96,7 +94,7 @@ def plan_grouped_mm(dispatch, layout) -> GroupedMMPlan | str:
     return reason or plan
 
 
-def emit_grouped_mm(graph: Graph, dispatch, plan: GroupedMMPlan, alpha: float, limit: float) -> Node:
+def emit_grouped_mm(graph: Graph, dispatch: Dispatch, plan: GroupedMMPlan, alpha: float, limit: float) -> Node:
     """Insert the grouped-GEMM body at the graph's insertion point; return its (T, H) output node."""
     operand_nodes = [view.emit(graph, dispatch.params[view.param]) if view is not None else None
                      for view in plan.operands()]
@@ -111,13 +109,8 @@ def emit_grouped_mm(graph: Graph, dispatch, plan: GroupedMMPlan, alpha: float, l
             return gmm.grouped_mm_experts_fused_gate_up(
                 hidden, topk_weights, topk_ids, w_gate_up, w_down, b_gate_up, b_down, plan.activation,
                 alpha, limit, plan.gate_up_order)
-        return gmm.grouped_mm_experts(hidden, topk_weights, topk_ids, w_gate_up, w_up, w_down, b_gate_up,
-                                      b_up, b_down, plan.activation, alpha, limit)
+        return gmm.grouped_mm_experts(hidden, topk_weights, topk_ids, ExpertWeights(
+            w_gate_up, w_up, w_down, b_gate_up, b_up, b_down, plan.activation, alpha, limit))
 
     inputs = [dispatch.hidden, dispatch.weights, dispatch.ids, *(operand_nodes[i] for i in present)]
-    example_values = [fm.fake_value(node) for node in inputs]
-    fake_mode = torch._guards.detect_fake_mode(example_values)
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        traced = fwd_only(body, example_values)
-    placeholders = [node for node in traced.graph.nodes if node.op == "placeholder"]
-    return graph.graph_copy(traced.graph, dict(zip(placeholders, inputs)))
+    return fm.insert_traced(graph, body, inputs)

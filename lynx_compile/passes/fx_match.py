@@ -1,12 +1,15 @@
-"""Small helpers for reading post-grad (aten-level, functionalized) FX graphs."""
+"""Small helpers for reading post-grad (aten-level, functionalized) FX graphs, and for inserting
+a torch function's traced body into one."""
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
-from torch.fx import Node
+from torch._inductor.pattern_matcher import fwd_only
+from torch.fx import Graph, Node
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -107,3 +110,18 @@ def dynamo_origin(node: Node) -> str | None:
     while getattr(source, "from_node", None):
         source = source.from_node[0]
     return source.name
+
+
+def insert_traced(graph: Graph, body: Callable, inputs: list[Node]):
+    """Trace `body(*input values)` into aten ops and copy them in at the graph's insertion point.
+
+    Traced with make_fx under the graph's fake mode and Inductor's decomposition table, exactly
+    as Inductor's pattern matcher traces replacements: the copied nodes carry valid
+    `meta["val"]`, and symbolic sizes stay symbolic (no guards). Returns what `graph_copy`
+    returns for the body's output: the node, or the tuple of nodes, standing for it."""
+    example_values = [fake_value(node) for node in inputs]
+    fake_mode = torch._guards.detect_fake_mode(example_values)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        traced = fwd_only(body, example_values)
+    placeholders = [node for node in traced.graph.nodes if node.op == "placeholder"]
+    return graph.graph_copy(traced.graph, dict(zip(placeholders, inputs)))

@@ -224,7 +224,8 @@ def _classify(chain: MaxChain, config: LynxConfig) -> RoutingSite | None:
     if not site.phase.selects:
         site.reason = site.phase.reason
         return site
-    if not config.site_setting(site.label, num_experts, top_k).selects:
+    site.setting = config.site_setting(site.label, num_experts, top_k)
+    if not site.setting.selects:
         site.reason = "not rewritten: policy 'none' (max-rounds router left as written)"
         return site
     used_elsewhere = _masked_scores_used_elsewhere(chain)

@@ -8,7 +8,7 @@ Order, fixed (each stage reads what the previous one left):
                      (experts="inductor": -> two aten._grouped_mm, fuse_experts_inductor.py)
                      (config.experts; it reads the top-k's outputs, so it runs before 3)
   3. rewrite_routing routing top-k -> lynx.batch_select (decode sites, policy != none)
-  4. expand          lynx.batch_select -> its aten body, for Inductor to generate code from
+  4. lower_selection lynx.batch_select -> its aten body, for Inductor to generate code from
 
 The pass runs as Inductor's `post_grad_custom_pre_pass`, i.e. on the functionalized aten graph
 right after dead-code elimination and before Inductor's own pattern passes, so those still see
@@ -34,10 +34,10 @@ from torch.fx import Graph
 from .. import logs
 from ..compat import CUSTOM_PASS_LISTS
 from ..config import LynxConfig
-from ..lowering.expand_batch_select import expand_batch_select
 from ..lowering.kernels.choice import decision_key
 from .find_routing import RoutingSite, find_routing_sites
 from .fuse_experts import fuse_expert_dispatches
+from .lower_selection import lower_selection
 from .max_routing import canonicalize_max_routing
 from .rewrite_routing import observe_plain_sites, rewrite_routing_sites
 
@@ -72,7 +72,7 @@ class LynxPostGradPass(CustomGraphPass):
         if self.record:
             observe_plain_sites(graph, sites)
         after_rewrite = str(graph) if keep_text else ""
-        expand_batch_select(graph, record=self.record)
+        lower_selection(graph, record=self.record)
         graph.eliminate_dead_code()
         graph.lint()
         lowered = str(graph) if keep_text else ""
@@ -97,7 +97,8 @@ def describe_site(site: RoutingSite) -> dict[str, object]:
 
 # The code that decides what the compiled graph contains. Other modules (eval, training, explain)
 # can change without invalidating every cached lynx compile.
-_COMPILE_SOURCES = ("passes", "lowering", "policies", "backend.py", "compat.py", "config.py", "plan.py", "record.py")
+_COMPILE_SOURCES = ("passes", "lowering", "policies", "backend.py", "compat.py", "config.py", "errors.py", "plan.py",
+                    "record.py")
 
 
 @functools.cache

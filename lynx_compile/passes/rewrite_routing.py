@@ -10,13 +10,13 @@ Before (Mixtral router, post-grad):
 
 After:
 
-    batch_select = lynx.batch_select(div, mm, 2, 0.7, 1, 1.4286, -1, None,    # or a live mask
-                                     "affinity_binning", 0, 0)                # policy, expert_budget, keep_top
+    batch_select = lynx.batch_select(div, mm, 2, "affinity_binning", [0.7, 1.0, 1.4286],   # policy, params
+                                     -1, None)                       # decode bound, live mask (or None)
     getitem = batch_select[0]; getitem_1 = batch_select[1]
 
-Each site runs its own setting (`LynxConfig.site_setting`: the plan's entry for the site, else
-the config's policy), recorded on the site for `explain`; a site whose setting is "none" is
-left exactly as it was.
+Each site runs its own setting (`site.setting`, resolved once by `find_routing`: the plan's entry
+for the site, else the config's policy), encoded by the op's own codec (`ops.encode_params`); a
+site whose setting is "none" is left exactly as it was.
 
 Why this is valid: the new op returns values and indices of the same shapes and dtypes, values
 are the scores at the chosen indices, and every token still gets k distinct experts, so all
@@ -34,7 +34,7 @@ from torch.fx import Graph, Node
 
 from ..config import LynxConfig
 from ..lowering import selection
-from ..lowering.ops import batch_select
+from ..lowering.ops import batch_select, encode_params, observe_selection, switch_select
 from . import fx_match as fm
 from .fx_match import aten
 from .find_routing import RoutingSite
@@ -58,7 +58,6 @@ def rewrite_routing_sites(graph: Graph, sites: list[RoutingSite], config: LynxCo
             site.rewritten = True
             rewritten += 1
             continue
-        site.setting = config.site_setting(site.label, site.num_experts, site.top_k)
         if not site.setting.selects:
             site.reason = "not rewritten: policy 'none'" + (" (plan)" if site.setting.source.startswith("plan") else "")
             continue
@@ -86,22 +85,16 @@ def _live_mask(graph: Graph, site: RoutingSite, config: LynxConfig, cache: dict[
 
 def _rewrite(graph: Graph, site: RoutingSite, live: Node | None) -> None:
     topk = site.topk
-    op = site.setting.op_arguments()
-    scores = topk.args[0]
-
+    setting = site.setting
     with graph.inserting_before(topk):
-        bound = _decode_bound(site)
         new = graph.call_function(
-            batch_select,
-            (scores, site.logits, site.top_k, op["alpha"], op["beta"], op["confidence_gap"], bound, live,
-             op["policy"], op["expert_budget"], op["keep_top"]))
+            batch_select, (topk.args[0], site.logits, site.top_k, setting.policy,
+                           encode_params(setting.policy, setting.params_dict()), _decode_bound(site), live))
     new.meta["lynx_site"] = (site.label, site.router_weight)
     _replace_topk(graph, topk, new, site.top_k)
 
 
 def _rewrite_switchable(graph: Graph, site: RoutingSite, live: Node | None) -> None:
-    from ..lowering.ops import switch_select
-
     topk = site.topk
     with graph.inserting_before(topk):
         new = graph.call_function(switch_select, (topk.args[0], site.logits, site.top_k, _decode_bound(site), live,
@@ -147,8 +140,6 @@ def _fake_outputs(scores: Node, k: int):
 
 def observe_plain_sites(graph: Graph, sites: list[RoutingSite]) -> None:
     """Recording variant only: report routing sites left as plain top-k (before == after)."""
-    from ..lowering.ops import observe_selection
-
     for site in sites:
         if not site.is_routing or site.rewritten or not fm.is_call(site.topk, aten.topk.default):
             continue

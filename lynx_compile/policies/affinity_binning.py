@@ -17,7 +17,7 @@ Keeps (the surviving set, shared by every token):
          than confidence_gap logits).
 
 Parameters: alpha > 0 (bin sharpness), beta >= 1 (bins below bin 0), confidence_gap >= 0
-(logits). Defaults from the layer's sparsity k/E (`config.default_alpha_beta`).
+(logits). Defaults from the layer's sparsity k/E (`default_alpha_beta`); confidence_gap 1/alpha.
 
 Invariants (beyond the shared contract): every voter keeps an expert of its bin 0; confident
 voters keep their top-1; the set never depends on non-voting rows or on float rounding order.
@@ -25,12 +25,47 @@ voters keep their top-1; the set never depends on non-voting rows or on float ro
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .base import PreferenceFn, confident_voters, token_ranks
+from ..errors import check_int, check_number
+from .base import PreferenceFn, check_confidence_gap, confident_voters, token_ranks
 
 NAME = "affinity_binning"
-PARAMETERS = ("alpha", "beta", "confidence_gap")
+PARAMETERS = {"alpha": float, "beta": int, "confidence_gap": float}  # name -> type, in the op's order
+
+
+def default_alpha_beta(num_experts: int, top_k: int) -> tuple[float, int]:
+    """Bin parameters from the layer's sparsity k/E, anchored on the values Lynx ran.
+
+    Coarse layers (k/E >= 0.2: Mixtral 2/8) get wide bins (alpha 0.7, one bin below bin 0):
+    with few experts every choice carries real affinity, so only near-ties should move.
+    Fine-grained layers (k/E < 0.2: Qwen3-30B 8/128, OLMoE 8/64, DeepSeek 8/256) get narrow
+    bins (alpha 3, two bins): many experts are near-interchangeable and the batch can be served
+    by far fewer. These are the paper's Mixtral and Qwen3 settings; no task tuning.
+    """
+    if top_k / num_experts >= 0.2:
+        return 0.7, 1
+    return 3.0, 2
+
+
+def check_parameter(name: str, value: Any) -> None:
+    """Raise LynxOptionsError naming `name` for a bad value (None: the default)."""
+    if name == "alpha":
+        check_number("alpha", value, positive=True, allow_none=True)
+    elif name == "beta":
+        check_int("beta", value, minimum=1, allow_none=True)
+    else:
+        check_confidence_gap(value)
+
+
+def resolve(given: dict[str, Any], num_experts: int, top_k: int, site: str) -> dict[str, int | float]:
+    """The parameters of a site of E experts and top-k: those given, else the defaults."""
+    default_alpha, default_beta = default_alpha_beta(num_experts, top_k)
+    alpha = float(given.get("alpha", default_alpha))
+    return {"alpha": alpha, "beta": int(given.get("beta", default_beta)),
+            "confidence_gap": float(given.get("confidence_gap", 1.0 / alpha))}
 
 
 def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int, alpha: float, beta: int,

@@ -29,12 +29,20 @@ counts, or on float sums rounded to a grid far coarser than their rounding error
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from ..errors import check_number
 
 Tiers = torch.Tensor | list[torch.Tensor]
 # (eligible (T, E) bool, voters (T,) bool, token_order (T, E) int64) -> tiers
 PreferenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tiers]
+
+
+def check_confidence_gap(value: Any) -> None:
+    """confidence_gap (AffinityBinning, the gate-mass budget): logits, >= 0, or None (the default)."""
+    check_number("confidence_gap", value, positive=False, allow_none=True)
 
 
 def token_ranks(token_order: torch.Tensor) -> torch.Tensor:

@@ -37,13 +37,48 @@ keep their top-1; the set never depends on non-voting rows.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from .base import PreferenceFn, confident_voters, rank_experts
+from ..errors import fail
+from .affinity_binning import default_alpha_beta
+from .base import PreferenceFn, check_confidence_gap, confident_voters, rank_experts
 
 NAME = "gate_mass_budget"
-PARAMETERS = ("expert_budget", "confidence_gap")
+PARAMETERS = {"expert_budget": int, "confidence_gap": float}  # name -> type (resolved), in the op's order
+DEFAULT_EXPERT_BUDGET = 0.5  # half of E
 MASS_GRID = 2.0 ** 24  # units per unit of probability mass
+_BUDGET_EXPECTED = "an integer >= 1 (experts) or a fraction of E in (0, 1]"
+
+
+def check_parameter(name: str, value: Any) -> None:
+    """Raise LynxOptionsError naming `name` for a bad value (None: the default)."""
+    if name == "confidence_gap":
+        check_confidence_gap(value)
+        return
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        fail("expert_budget", value, _BUDGET_EXPECTED)
+    if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value <= 1):
+        fail("expert_budget", value, _BUDGET_EXPECTED)
+
+
+def resolve(given: dict[str, Any], num_experts: int, top_k: int, site: str) -> dict[str, int | float]:
+    """The parameters of a site of E experts: the budget as a number of experts (a fraction of E
+    rounded up), confidence_gap by default 1/alpha of AffinityBinning's default alpha for k/E."""
+    budget = given.get("expert_budget", DEFAULT_EXPERT_BUDGET)
+    if isinstance(budget, float):
+        budget = max(1, math.ceil(round(budget * num_experts, 9)))
+    default_alpha, _ = default_alpha_beta(num_experts, top_k)
+    return {"expert_budget": int(budget), "confidence_gap": float(given.get("confidence_gap", 1.0 / default_alpha))}
+
+
+def reported_budget(params: dict[str, int | float]) -> int:
+    """The experts a batch may use: `record()` counts the calls whose voters use more."""
+    return int(params["expert_budget"])
 
 
 def batch_gate_mass(logits: torch.Tensor, voting: torch.Tensor) -> torch.Tensor:

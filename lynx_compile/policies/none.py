@@ -12,12 +12,22 @@ Parameters: none. Invariant: each voter's experts are k of its highest-scored el
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import PreferenceFn
 
 NAME = "none"
-PARAMETERS: tuple[str, ...] = ()
+PARAMETERS: dict[str, type] = {}
+
+
+def check_parameter(name: str, value: Any) -> None:  # no parameters: the registry refuses any name
+    raise AssertionError(name)
+
+
+def resolve(given: dict[str, Any], num_experts: int, top_k: int, site: str) -> dict[str, int | float]:
+    return {}
 
 
 def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int) -> PreferenceFn:

@@ -24,12 +24,29 @@ eligible experts; the loaded set never depends on non-voting rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..errors import LynxOptionsError, check_int
 from .base import PreferenceFn
 
 NAME = "opportunistic"
-PARAMETERS = ("keep_top",)
+PARAMETERS = {"keep_top": int}  # name -> type
+
+
+def check_parameter(name: str, value: Any) -> None:
+    """Raise LynxOptionsError naming `name` for a bad value (None: the default)."""
+    check_int("keep_top", value, minimum=1, allow_none=True)
+
+
+def resolve(given: dict[str, Any], num_experts: int, top_k: int, site: str) -> dict[str, int | float]:
+    """keep_top given, else max(1, k // 2); raises LynxOptionsError naming the site if > k."""
+    keep_top = int(given.get("keep_top", max(1, top_k // 2)))
+    if keep_top > top_k:
+        raise LynxOptionsError(f"lynx: option 'keep_top' got {keep_top} at routing site {site!r}; expected an "
+                               f"integer in [1, k={top_k}] (k: that site's experts per token)")
+    return {"keep_top": keep_top}
 
 
 def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int, keep_top: int) -> PreferenceFn:

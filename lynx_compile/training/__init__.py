@@ -1,1 +1,1 @@
-"""Training of the small MoE checkpoints shipped in ``lynx_compile/checkpoints``."""
+"""How the shipped checkpoints were trained (`python -m lynx_compile.training.train_checkpoint`)."""

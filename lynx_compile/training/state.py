@@ -40,7 +40,7 @@ class Progress:
     step: int = 0  # optimizer steps over all legs
     tokens: int = 0  # training tokens over all legs
     curve: list = dataclasses.field(default_factory=list)  # [step, mean train CE] every LOG_EVERY steps
-    legs: list = dataclasses.field(default_factory=list)  # one dict per leg (see train_checkpoint.train)
+    legs: list = dataclasses.field(default_factory=list)  # one dict per leg (see loop.train)
 
 
 def _saved(state_dir: Path) -> Path | None:

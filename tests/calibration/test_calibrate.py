@@ -8,7 +8,8 @@ import torch
 
 import lynx_compile
 from lynx_compile import LynxConfig, LynxOptionsError
-from lynx_compile.calibration.measure import decode_log_probs, fidelity
+from lynx_compile.calibration.measure import decode_log_probs
+from lynx_compile.eval.fidelity import fidelity
 from moe_models import VOCAB, decode_step, tiny_model
 
 BUDGET = {"top1_agreement": 0.95}

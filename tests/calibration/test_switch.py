@@ -4,9 +4,9 @@ import torch
 
 import lynx_compile
 from lynx_compile import policies
-from lynx_compile.calibration.switch import use_settings
-from lynx_compile.config import SiteSetting
 from lynx_compile.lowering import ops, selection
+from lynx_compile.lowering.switch_select import use_settings
+from lynx_compile.policies import SiteSetting
 from moe_models import skewed_router_logits, tiny_model
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lynx_compile.eval import decode, harness, tasks
+from lynx_compile.eval.checkpoints import resolve_checkpoint
 from lynx_compile.eval.__main__ import main as eval_main
 from lynx_compile.eval.__main__ import problems_per_task
 
@@ -66,7 +67,7 @@ def test_the_uncompiled_model_is_not_recorded(result):
 
 
 def test_teacher_forcing_predicts_what_a_plain_forward_predicts():
-    model, tokenizer = harness.load(harness.resolve_checkpoint("coarse"), torch.float32, harness.Variant("eager", None))
+    model, tokenizer = harness.load(resolve_checkpoint("coarse"), torch.float32, harness.Variant("eager", None))
     windows = tasks.code_token_windows(tokenizer, count=2 * tasks.CODE_TOKEN_STEPS)
     assert windows.shape == (2, tasks.CODE_TOKEN_PREFIX + tasks.CODE_TOKEN_STEPS + 1)
     assert not (windows[:, 1:] == tokenizer.eos_token_id).any()  # generate() would stop a row at EOS
@@ -80,7 +81,7 @@ def test_teacher_forcing_predicts_what_a_plain_forward_predicts():
 
 def test_bad_input_is_named():
     with pytest.raises(FileNotFoundError, match="no-such-checkpoint"):
-        harness.resolve_checkpoint("no-such-checkpoint")
+        resolve_checkpoint("no-such-checkpoint")
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
         harness.evaluate("coarse", ["poetry"], [1], ["none"], 4)
     for bad in (["--problems", "0"], ["--batch-sizes", "16", "0"], ["--checkpoint", "no-such-checkpoint"]):

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from lynx_compile.lowering.kernels import fused_moe_triton as fmt  # noqa: E402
+from lynx_compile.lowering.moe_experts_reference import ExpertWeights, fused_moe_reference  # noqa: E402
 
 if _PREVIOUS_INTERPRET is None:
     del os.environ["TRITON_INTERPRET"]
@@ -134,7 +135,7 @@ def test_reference_matches_naive_loop(activation, dtype):
     ids, route = routing(7, 6, 2, gen)
     ws = weights(6, 24, 20, gen, layout="concat", bias=True, dtype=dtype)
     hidden = (torch.randn(7, 24, generator=gen) * 3).to(dtype)  # large enough to hit gpt_oss clamps
-    ref = fmt.fused_moe_reference(hidden, route, ids, *ws, activation)
+    ref = fused_moe_reference(hidden, route, ids, ExpertWeights(*ws, activation))
     naive = naive_moe(hidden, route, ids, *ws, activation)
     assert ref.dtype == dtype and ref.shape == hidden.shape
     if dtype == torch.float32:
@@ -167,8 +168,8 @@ def test_kernels_match_reference(case):
     hidden = (torch.randn(num_tokens, hidden_size, generator=gen) * scale).to(dtype)
     if case.startswith("bf16-gptoss"):  # also: int32 ids, bf16 routing weights
         ids, route = ids.to(torch.int32), route.to(torch.bfloat16)
-    out = fmt.fused_moe_triton(hidden, route, ids, *ws, activation, config=SMALL)
-    ref = fmt.fused_moe_reference(hidden, route, ids, *ws, activation)
+    out = fmt.fused_moe_triton(hidden, route, ids, ExpertWeights(*ws, activation), config=SMALL)
+    ref = fused_moe_reference(hidden, route, ids, ExpertWeights(*ws, activation))
     assert out.dtype == dtype and out.shape == (num_tokens, hidden_size)
     assert_close(out, ref)
 
@@ -182,8 +183,8 @@ def test_one_expert_takes_every_token_and_empty_experts_are_never_read():
     ids = torch.full((num_tokens, 1), 2)
     route = torch.rand(num_tokens, 1, generator=gen)
     hidden = torch.randn(num_tokens, hidden_size, generator=gen)
-    out = fmt.fused_moe_triton(hidden, route, ids, w_gate, w_up, w_down, None, None, None, "silu", config=SMALL)
-    ref = fmt.fused_moe_reference(hidden, route, ids, w_gate, w_up, w_down, None, None, None, "silu")
+    out = fmt.fused_moe_triton(hidden, route, ids, ExpertWeights(w_gate, w_up, w_down, None, None, None, "silu"), config=SMALL)
+    ref = fused_moe_reference(hidden, route, ids, ExpertWeights(w_gate, w_up, w_down, None, None, None, "silu"))
     assert torch.isfinite(out).all()
     assert_close(out, ref)
 
@@ -194,15 +195,15 @@ def test_default_block_table_and_strided_routing_weights():
     route = torch.rand(5, 4, generator=gen)[:, 1::2]  # non-contiguous (T, k)
     ws = weights(4, 32, 32, gen, bias=True)
     hidden = torch.randn(5, 32, generator=gen)
-    out = fmt.fused_moe_triton(hidden, route, ids, *ws, "silu")  # config=None: from the table
-    assert_close(out, fmt.fused_moe_reference(hidden, route, ids, *ws, "silu"))
+    out = fmt.fused_moe_triton(hidden, route, ids, ExpertWeights(*ws, "silu"))  # config=None: from the table
+    assert_close(out, fused_moe_reference(hidden, route, ids, ExpertWeights(*ws, "silu")))
 
 
 def test_no_tokens_launches_nothing():
     gen = torch.Generator().manual_seed(5)
     ws = weights(4, 32, 32, gen)
     hidden = torch.empty(0, 32)
-    out = fmt.fused_moe_triton(hidden, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.int64), *ws, "silu")
+    out = fmt.fused_moe_triton(hidden, torch.empty(0, 2), torch.empty(0, 2, dtype=torch.int64), ExpertWeights(*ws, "silu"))
     assert out.shape == (0, 32)
 
 
@@ -212,11 +213,11 @@ def test_rejects_bad_inputs():
     ids, route = routing(2, 4, 2, gen)
     hidden = torch.randn(2, 32)
     with pytest.raises(ValueError, match="activation"):
-        fmt.fused_moe_triton(hidden, route, ids, *ws, "gelu")
+        fmt.fused_moe_triton(hidden, route, ids, ExpertWeights(*ws, "gelu"))
     with pytest.raises(ValueError, match="w_down"):
-        fmt.fused_moe_triton(hidden, route, ids, ws[0], ws[1], ws[0], None, None, None, "silu")
+        fmt.fused_moe_triton(hidden, route, ids, ExpertWeights(ws[0], ws[1], ws[0], None, None, None, "silu"))
     with pytest.raises(ValueError, match="power of two"):
-        fmt.fused_moe_triton(hidden, route, ids, *ws, "silu", config={"BLOCK_M": 8})
+        fmt.fused_moe_triton(hidden, route, ids, ExpertWeights(*ws, "silu"), config={"BLOCK_M": 8})
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ def test_triton_op_runs_eagerly():
     ws = weights(4, 32, 32, gen, layout="concat")
     hidden = torch.randn(3, 32, generator=gen)
     out = torch.ops.lynx.fused_moe_triton(hidden, route, ids, *ws, "silu", block_m=16, block_n=16, block_k=16)
-    assert_close(out, fmt.fused_moe_reference(hidden, route, ids, *ws, "silu"))
+    assert_close(out, fused_moe_reference(hidden, route, ids, ExpertWeights(*ws, "silu")))
 
 
 def test_opaque_op_under_torch_compile():
@@ -311,7 +312,7 @@ def test_opaque_op_under_torch_compile():
             hidden, route, ids, w_gate, w_up, w_down, b_gate, b_up, b_down, "gpt_oss", 1.702, 7.0, 16, 16, 16)
 
     out = torch.compile(moe, backend="inductor", fullgraph=True)(hidden, route, ids)
-    ref = fmt.fused_moe_reference(hidden, route, ids, w_gate, w_up, w_down, b_gate, b_up, b_down, "gpt_oss")
+    ref = fused_moe_reference(hidden, route, ids, ExpertWeights(w_gate, w_up, w_down, b_gate, b_up, b_down, "gpt_oss"))
     assert_close(out, ref)
 
 

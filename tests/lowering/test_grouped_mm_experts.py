@@ -7,7 +7,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from lynx_compile.lowering.grouped_mm_experts import (
     grouped_mm_experts, grouped_mm_experts_fused_gate_up, unsupported_reason)
-from lynx_compile.lowering.moe_experts_reference import fused_moe_reference
+from lynx_compile.lowering.moe_experts_reference import ExpertWeights, fused_moe_reference
 
 # Relative to the output's largest value. bf16: each projection is rounded before its bias and
 # the down projection before the weighted sum (aten._grouped_mm returns bf16), the reference
@@ -43,8 +43,7 @@ def halves(case):
 
 def reference(case, activation):
     w_gate, w_up, b_gate, b_up = halves(case)
-    return fused_moe_reference(case["hidden"], case["weights"], case["ids"], w_gate, w_up, case["down"],
-                               b_gate, b_up, case["b_down"], activation)
+    return fused_moe_reference(case["hidden"], case["weights"], case["ids"], ExpertWeights(w_gate, w_up, case["down"], b_gate, b_up, case["b_down"], activation))
 
 
 def fused(case, activation):
@@ -55,8 +54,7 @@ def fused(case, activation):
 
 def separate(case, activation):
     w_gate, w_up, b_gate, b_up = halves(case)
-    return grouped_mm_experts(case["hidden"], case["weights"], case["ids"], w_gate, w_up, case["down"],
-                              b_gate, b_up, case["b_down"], activation)
+    return grouped_mm_experts(case["hidden"], case["weights"], case["ids"], ExpertWeights(w_gate, w_up, case["down"], b_gate, b_up, case["b_down"], activation))
 
 
 def assert_close_to_reference(got, expected):

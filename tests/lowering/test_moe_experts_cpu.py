@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lynx_compile.lowering import ops  # noqa: F401  (registers lynx::moe_experts)
-from lynx_compile.lowering.moe_experts_reference import fused_moe_reference
+from lynx_compile.lowering.moe_experts_reference import ExpertWeights, fused_moe_reference
 from lynx_compile.lowering.kernels.moe_experts_cpu import KERNEL_PATHS, describe_path, moe_experts_cpu
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the output's largest value
@@ -39,9 +39,14 @@ def make_case(T, k, E, H, I, dtype, layout, biased, seed=0, ids=None):
     return (hidden, weights, ids, w_gate, w_up, w_down, *biases)
 
 
+def run(kernel, case, activation):
+    """kernel(hidden, weights, ids, ExpertWeights(...)) for a make_case tuple."""
+    return kernel(*case[:3], ExpertWeights(*case[3:], activation))
+
+
 def assert_matches_reference(case, activation):
-    expected = fused_moe_reference(*case, activation)
-    got = moe_experts_cpu(*case, activation)
+    expected = run(fused_moe_reference, case, activation)
+    got = run(moe_experts_cpu, case, activation)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     scale = expected.float().abs().max().clamp_min(1e-6)
     error = (got.float() - expected.float()).abs().max() / scale
@@ -77,24 +82,24 @@ def test_one_expert_takes_every_token_and_the_rest_are_empty():
     poisoned = [w.clone() for w in (w_gate, w_up, w_down)]
     for w in poisoned:
         w[[1, 2, 3, 4, 6, 7]] = float("nan")
-    torch.testing.assert_close(moe_experts_cpu(hidden, weights, ids, *poisoned, None, None, None, "silu"),
-                               moe_experts_cpu(*case, "silu"), rtol=0, atol=0)
+    torch.testing.assert_close(moe_experts_cpu(hidden, weights, ids, ExpertWeights(*poisoned)),
+                               run(moe_experts_cpu, case, "silu"), rtol=0, atol=0)
 
 
 def test_registered_op_runs_the_kernel():
     case = make_case(T=5, k=2, E=8, H=32, I=16, dtype=torch.bfloat16, layout="interleaved", biased=True)
     torch.testing.assert_close(torch.ops.lynx.moe_experts(*case, "gpt_oss", 1.702, 7.0),
-                               moe_experts_cpu(*case, "gpt_oss"), rtol=0, atol=0)
+                               run(moe_experts_cpu, case, "gpt_oss"), rtol=0, atol=0)
 
 
 def test_out_of_range_expert_id_is_named():
     case = list(make_case(T=3, k=2, E=4, H=16, I=8, dtype=torch.float32, layout="concatenated", biased=False))
     case[2] = torch.tensor([[0, 1], [2, 9], [3, 0]])
     with pytest.raises(ValueError, match=r"outside \[0, 4\).*max 9"):
-        moe_experts_cpu(*case, "silu")
+        run(moe_experts_cpu, case, "silu")
 
 
 def test_unknown_activation_is_named():
     case = make_case(T=3, k=2, E=4, H=16, I=8, dtype=torch.float32, layout="concatenated", biased=False)
     with pytest.raises(ValueError, match="'gelu'"):
-        moe_experts_cpu(*case, "gelu")
+        run(moe_experts_cpu, case, "gelu")

@@ -5,15 +5,16 @@ import torch
 
 from lynx_compile.lowering import ops, selection
 
+BINNING = ("affinity_binning", [0.7, 1.0, 1.4])
 SELECT_CASES = {
-    "decode": lambda scores, logits: (scores, logits, 2, 0.7, 1, 1.4, selection.NO_DECODE_BOUND),
-    "bounded": lambda scores, logits: (scores, logits, 2, 0.7, 1, 1.4, 4),
-    "live-mask": lambda scores, logits: (scores, logits, 2, 0.7, 1, 1.4, selection.NO_DECODE_BOUND,
+    "decode": lambda scores, logits: (scores, logits, 2, *BINNING, selection.NO_DECODE_BOUND),
+    "bounded": lambda scores, logits: (scores, logits, 2, *BINNING, 4),
+    "live-mask": lambda scores, logits: (scores, logits, 2, *BINNING, selection.NO_DECODE_BOUND,
                                          torch.arange(scores.shape[0]) % 2 == 0),
-    "gate-mass-budget": lambda scores, logits: (scores, logits, 2, 0.0, 0, 1.4, selection.NO_DECODE_BOUND,
-                                                torch.arange(scores.shape[0]) % 2 == 0, "gate_mass_budget", 3, 0),
-    "opportunistic": lambda scores, logits: (scores, logits, 2, 0.0, 0, 0.0, 4, None, "opportunistic", 0, 1),
-    "none": lambda scores, logits: (scores, logits, 2, 0.0, 0, 0.0, selection.NO_DECODE_BOUND, None, "none", 0, 0),
+    "gate-mass-budget": lambda scores, logits: (scores, logits, 2, "gate_mass_budget", [3.0, 1.4],
+                                                selection.NO_DECODE_BOUND, torch.arange(scores.shape[0]) % 2 == 0),
+    "opportunistic": lambda scores, logits: (scores, logits, 2, "opportunistic", [1.0], 4, None),
+    "none": lambda scores, logits: (scores, logits, 2, "none", [], selection.NO_DECODE_BOUND, None),
 }
 
 

@@ -6,21 +6,22 @@ import torch
 
 from lynx_compile import policies
 from lynx_compile.lowering import selection
-from lynx_compile.lowering.ops import batch_select
+from lynx_compile.lowering.ops import batch_select, decode_params, encode_params
 from moe_models import skewed_logits
 
-POLICY_ARGS = {  # policy -> (policy, expert_budget, keep_top) as the op takes them
-    "affinity_binning": ("affinity_binning", 0, 0),
-    "gate_mass_budget": ("gate_mass_budget", 3, 0),
-    "opportunistic": ("opportunistic", 0, 1),
-    "none": ("none", 0, 0),
+POLICY_PARAMS = {  # policy -> its parameters
+    "affinity_binning": {"alpha": 0.7, "beta": 1, "confidence_gap": 1 / 0.7},
+    "gate_mass_budget": {"expert_budget": 3, "confidence_gap": 1 / 0.7},
+    "opportunistic": {"keep_top": 1},
+    "none": {},
 }
+BINNING = POLICY_PARAMS["affinity_binning"]
 
 
 def test_decode_bound_switches_between_selection_and_plain_topk():
     logits = skewed_logits()
     scores = torch.softmax(logits, dim=-1)
-    args = (scores, logits, 2, 0.7, 1, 1 / 0.7)
+    args = (scores, logits, 2, "affinity_binning", BINNING)
     selected = selection.batch_select(*args, selection.NO_DECODE_BOUND)
     as_decode = selection.batch_select(*args, 16)  # 16 tokens <= 16 sequences
     as_prefill = selection.batch_select(*args, 4)  # 16 tokens > 4 sequences
@@ -30,14 +31,14 @@ def test_decode_bound_switches_between_selection_and_plain_topk():
     assert torch.equal(as_prefill[0], plain.values)
 
 
-@pytest.mark.parametrize("policy", POLICY_ARGS)
+@pytest.mark.parametrize("policy", POLICY_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_registered_op_matches_python_body(dtype, policy):
     logits = skewed_logits().to(dtype)
     scores = torch.softmax(logits.float(), dim=-1).to(dtype)
-    args = (scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND, None, *POLICY_ARGS[policy])
-    values, indices = batch_select(*args)
-    expected_values, expected_indices = selection.batch_select(*args)
+    params = POLICY_PARAMS[policy]
+    values, indices = batch_select(scores, logits, 2, policy, encode_params(policy, params), selection.NO_DECODE_BOUND)
+    expected_values, expected_indices = selection.batch_select(scores, logits, 2, policy, params)
     assert values.dtype == dtype
     assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
 
@@ -45,20 +46,20 @@ def test_registered_op_matches_python_body(dtype, policy):
 def test_the_op_runs_the_named_policy_with_its_own_parameters():
     logits = skewed_logits()
     scores = torch.softmax(logits, dim=-1)
-    _, indices = selection.batch_select(scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND, None,
-                                        "opportunistic", 0, 1)
+    _, indices = selection.batch_select(scores, logits, 2, "opportunistic", {"keep_top": 1})
     _, expected = policies.select("opportunistic", scores, logits, 2, keep_top=1)
     assert torch.equal(indices, expected)
     with pytest.raises(ValueError, match="unknown selection policy 'greedy'"):
-        selection.batch_select(scores, logits, 2, 0.7, 1, 1.0, selection.NO_DECODE_BOUND, None, "greedy")
+        selection.batch_select(scores, logits, 2, "greedy", {})
     with pytest.raises(ValueError, match=r"keep_top must be an integer in \[1, k=2\], got 3"):
-        selection.batch_select(scores, logits, 2, 0.7, 1, 1.0, selection.NO_DECODE_BOUND, None, "opportunistic", 0, 3)
+        selection.batch_select(scores, logits, 2, "opportunistic", {"keep_top": 3})
 
 
-def test_a_call_without_policy_arguments_is_affinity_binning():
-    """Backward compatibility of the op's schema: graphs written before policies existed."""
-    logits = skewed_logits()
-    scores = torch.softmax(logits, dim=-1)
-    old = batch_select(scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND)
-    _, expected = policies.select("affinity_binning", scores, logits, 2, alpha=0.7, beta=1, confidence_gap=1 / 0.7)
-    assert torch.equal(old[1], expected)
+def test_the_op_carries_each_policys_parameters_in_their_own_types():
+    """One codec between a site's setting and the op: floats in the op, ints back where a policy
+    takes ints; a wrong count is refused naming the policy."""
+    for policy, params in POLICY_PARAMS.items():
+        decoded = decode_params(policy, encode_params(policy, params))
+        assert decoded == params and [type(v) for v in decoded.values()] == [type(v) for v in params.values()]
+    with pytest.raises(ValueError, match="policy 'opportunistic' takes 1 parameters"):
+        decode_params("opportunistic", [1.0, 2.0])

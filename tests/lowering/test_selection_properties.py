@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from lynx_compile import policies
 from lynx_compile.lowering import selection
+from lynx_compile.policies import contract
 
 SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # `make test` checks 2,500 generated batches; `make test-all` (LYNX_THOROUGH=1) checks 10,000.
@@ -49,12 +50,17 @@ class Batch:
     expert_budget: int = 0
     keep_top: int = 0
 
+    @property
+    def params(self) -> dict:
+        given = {"alpha": self.alpha, "beta": self.beta, "confidence_gap": self.confidence_gap,
+                 "expert_budget": self.expert_budget, "keep_top": self.keep_top}
+        return {name: given[name] for name in policies.PARAMETERS[self.policy]}
+
     def select(self, rows: torch.Tensor | None = None):
         keep = slice(None) if rows is None else rows
         live = None if self.live is None else self.live[keep]
-        return selection.batch_select(self.scores[keep], self.logits[keep], self.k, self.alpha, self.beta,
-                                      self.confidence_gap, selection.NO_DECODE_BOUND, live, self.policy,
-                                      self.expert_budget, self.keep_top)
+        return selection.batch_select(self.scores[keep], self.logits[keep], self.k, self.policy, self.params,
+                                      selection.NO_DECODE_BOUND, live)
 
 
 @st.composite
@@ -103,7 +109,7 @@ def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k
 
 
 def eligible_and_usable(batch: Batch):
-    return selection.usable_rows(batch.scores, batch.logits, batch.k)
+    return contract.usable_rows(batch.scores, batch.logits, batch.k)
 
 
 def voters_of(batch: Batch) -> torch.Tensor:  # (T,) bool
@@ -178,7 +184,8 @@ def test_rows_that_do_not_vote_change_no_other_row(batch, seed):
 
 def test_an_empty_batch_returns_empty_tensors():
     for live in (None, torch.zeros(0, dtype=torch.bool)):
-        values, indices = selection.batch_select(torch.empty(0, 8), torch.empty(0, 8), 2, 0.7, 1, 1.0,
+        values, indices = selection.batch_select(torch.empty(0, 8), torch.empty(0, 8), 2, "affinity_binning",
+                                                 {"alpha": 0.7, "beta": 1, "confidence_gap": 1.0},
                                                  selection.NO_DECODE_BOUND, live)
         assert values.shape == indices.shape == (0, 2) and indices.dtype == torch.int64
 
@@ -194,9 +201,11 @@ def test_inductor_generated_selection_equals_the_eager_op(policy, expert_budget,
     """One compiled function per (policy, E, k, dtype), dynamic in T, checked on many generated
     batches (their ties and -inf masks included)."""
 
+    values = {"alpha": 3.0, "beta": 2, "confidence_gap": 1 / 3, "expert_budget": expert_budget, "keep_top": keep_top}
+    params = {name: values[name] for name in policies.PARAMETERS[policy]}
+
     def select(scores, logits, live):
-        return selection.batch_select(scores, logits, k, 3.0, 2, 1 / 3, selection.NO_DECODE_BOUND, live,
-                                      policy, expert_budget, keep_top)
+        return selection.batch_select(scores, logits, k, policy, params, selection.NO_DECODE_BOUND, live)
 
     compiled = torch.compile(select, dynamic=True)
 

@@ -219,13 +219,13 @@ def test_gpt_oss_with_its_own_alpha_and_limit_fuses_with_them():
 
 
 def test_the_layers_of_one_model_are_checked_once(monkeypatch):
-    from lynx_compile.passes import fuse_experts
+    from lynx_compile.passes import expert_layout
     from moe_models import decode_step, tiny_model
 
     checks = []
-    real_verify = fuse_experts._verify
-    monkeypatch.setattr(fuse_experts, "_verified", {})
-    monkeypatch.setattr(fuse_experts, "_verify", lambda *a: checks.append(1) or real_verify(*a))
+    real_verify = expert_layout._verify
+    monkeypatch.setattr(expert_layout, "_verified", {})
+    monkeypatch.setattr(expert_layout, "_verify", lambda *a: checks.append(1) or real_verify(*a))
     model = tiny_model("qwen3_moe", num_layers=3)
     backend = PassOnlyBackend(FUSED)
     with torch.no_grad():

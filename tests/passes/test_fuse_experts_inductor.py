@@ -133,7 +133,7 @@ def test_the_layout_check_builds_its_examples_on_the_graphs_device():
     examples would fail and keep every dispatch on a GPU. Shown with the meta device (no GPU here)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lynx_compile.passes.fuse_experts import _example
+    from lynx_compile.passes.expert_layout import _example
 
     generator = torch.Generator().manual_seed(0)
     with FakeTensorMode():

@@ -1,12 +1,10 @@
 """The routing rewrite, stage by stage (op counts) and end to end (what selection does)."""
 
 import torch
-from torch._dynamo.backends.common import aot_autograd
-from torch._inductor.decomposition import select_decomp_table
 
 from lynx_compile.config import LynxConfig
-from lynx_compile.lowering.expand_batch_select import expand_batch_select
 from lynx_compile.passes.find_routing import find_routing_sites
+from lynx_compile.passes.lower_selection import lower_selection
 from lynx_compile.passes.rewrite_routing import rewrite_routing_sites
 from moe_models import (
     BATCH_SELECT,
@@ -23,15 +21,10 @@ from moe_models import (
 
 def capture_aten_graph(module, *inputs):
     """The aten graph Inductor would hand to its post-grad passes (decomposed, functional)."""
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
+    backend = PassOnlyBackend(run_pass=False)
     with torch.no_grad():
-        torch.compile(module, backend=aot_autograd(fw_compiler=keep, decompositions=select_decomp_table()))(*inputs)
-    [gm] = graphs
+        torch.compile(module, backend=backend)(*inputs)
+    [gm] = backend.graphs
     return gm
 
 
@@ -49,7 +42,7 @@ def test_each_stage_changes_exactly_the_ops_it_should():
     assert {op: n for op, n in rewritten.items() if op not in (TOPK, BATCH_SELECT)} == \
         {op: n for op, n in before.items() if op not in (TOPK, BATCH_SELECT)}
 
-    assert expand_batch_select(gm.graph) == 1
+    assert lower_selection(gm.graph) == 1
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     lowered = count_ops(gm.graph)

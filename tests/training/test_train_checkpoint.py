@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import lynx_compile
 from lynx_compile.eval import corpora
-from lynx_compile.training import state, train_checkpoint
+from lynx_compile.training import data, evaluation, state, train_checkpoint
 
 TOKENIZER = Path(lynx_compile.__file__).parent / "checkpoints" / "coarse"
 
@@ -59,8 +59,8 @@ def test_legs_resume_the_saved_run(tmp_path):
     assert all("results" in leg for leg in second["legs"])
     # The code-token metric is greedy next-token accuracy on the held-out code windows.
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    windows = train_checkpoint.heldout_code_windows(
-        transformers.AutoTokenizer.from_pretrained(tmp_path / "out"), train_checkpoint.QUICK_EVAL.code_windows)
+    windows = data.heldout_code_windows(
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "out"), evaluation.QUICK_EVAL.code_windows)
     with torch.no_grad():
         greedy = exported(input_ids=windows).logits[:, :-1].argmax(-1)
     expected = (greedy == windows[:, 1:]).float().mean().item()
@@ -100,7 +100,7 @@ def test_bad_arguments_are_named(tmp_path, capsys, bad):
 def test_a_signal_stops_the_leg_after_its_step_and_saves(tmp_path, monkeypatch):
     run_leg(tmp_path, "--tokenizer", str(TOKENIZER), "--steps", "2")
     report_before = (tmp_path / "out" / "training_report.json").read_text()
-    real_next = train_checkpoint.TrainBatches.__next__
+    real_next = data.TrainBatches.__next__
     calls = []
 
     def next_then_signal(self):
@@ -109,7 +109,7 @@ def test_a_signal_stops_the_leg_after_its_step_and_saves(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_next(self)
 
-    monkeypatch.setattr(train_checkpoint.TrainBatches, "__next__", next_then_signal)
+    monkeypatch.setattr(data.TrainBatches, "__next__", next_then_signal)
     handler_before = signal.getsignal(signal.SIGINT)  # pytest-xdist workers ignore SIGINT
     assert run_leg(tmp_path, "--steps", "1000", "--resume") is None
     assert adam_steps(tmp_path / "state") == {4}  # 2 + the two steps it ran
@@ -117,7 +117,7 @@ def test_a_signal_stops_the_leg_after_its_step_and_saves(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "training_report.json").read_text() == report_before
     assert signal.getsignal(signal.SIGINT) is handler_before  # the leg put the handler back
 
-    monkeypatch.setattr(train_checkpoint.TrainBatches, "__next__", real_next)
+    monkeypatch.setattr(data.TrainBatches, "__next__", real_next)
     report = run_leg(tmp_path, "--steps", "1", "--resume")
     assert [leg["status"] for leg in report["legs"]] == ["finished", "interrupted", "finished"]
     assert report["steps"] == 5

@@ -21,11 +21,12 @@ tensors viewed as (E, I, H)) are plain views: nothing is copied.
 
 Public:
   fused_moe_triton(...)          plain Python launcher (eager; works in the CPU interpreter)
-  fused_moe_reference(...)       the torch definition the kernels are tested against
+  fused_moe_triton_wrapped(...)  the same with `wrap_triton` launches: the body of the triton_op
+                                 torch.ops.lynx.fused_moe_triton (registered in ../ops.py), so
+                                 Inductor sees and schedules the kernels
   moe_align_block_size(...)      step 1 above
   select_block_config(...)       block sizes from the (untuned) table below
-  torch.ops.lynx.fused_moe_triton          triton_op: Inductor sees and schedules the kernels
-  torch.ops.lynx.fused_moe_triton_opaque   custom_op: opaque to torch.compile (also on CPU)
+The torch definition the kernels are held to is `fused_moe_reference` (../moe_experts_reference.py).
 
 Triton is imported lazily and the kernels are built on first use, once per TRITON_INTERPRET
 mode, so importing this module never needs CUDA and the interpreter setting in force at the
@@ -38,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..moe_experts_reference import ACTIVATIONS, check_inputs, fused_moe_reference  # noqa: F401
+from ..moe_experts_reference import ACTIVATIONS, ExpertWeights, check_inputs
 
 # Filled by `_import_triton()`. The kernel functions below name `tl` as a module global: Triton
 # resolves a kernel's globals through `fn.__globals__`, i.e. this module's namespace.
@@ -370,7 +371,7 @@ def _get_kernels():
         kernels = tuple(triton.jit(fn) for fn in _define_kernels())
         _KERNELS[interpret] = kernels
         if not interpret:
-            _announce_kernels_to_triton_op(kernels)
+            announce_kernels_to_triton_op(kernels)
     return kernels
 
 
@@ -383,10 +384,10 @@ def _no_wrap(kernel):
     return kernel
 
 
-def _fused_moe(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-               activation, alpha, limit, config, launch):
+def _fused_moe(hidden, topk_weights, topk_ids, experts: ExpertWeights, config, launch):
     """Shared body of the plain launcher (launch = identity) and the triton_op (wrap_triton)."""
-    check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+    check_inputs(hidden, topk_weights, topk_ids, experts)
+    w_gate, w_up, w_down, b_gate, b_up, b_down, activation, alpha, limit = experts
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     num_experts, inter_size, _ = w_gate.shape
@@ -458,15 +459,7 @@ def fused_moe_triton(
     hidden: torch.Tensor,  # (T, H) bf16/fp16/fp32
     topk_weights: torch.Tensor,  # (T, k) any float dtype
     topk_ids: torch.Tensor,  # (T, k) int64/int32 in [0, E)
-    w_gate: torch.Tensor,  # (E, I, H) any strides
-    w_up: torch.Tensor,  # (E, I, H) any strides
-    w_down: torch.Tensor,  # (E, H, I) any strides
-    b_gate: Optional[torch.Tensor],  # (E, I) or None
-    b_up: Optional[torch.Tensor],  # (E, I) or None
-    b_down: Optional[torch.Tensor],  # (E, H) or None
-    activation: str,  # "silu" or "gpt_oss"
-    alpha: float = 1.702,  # gpt_oss only
-    limit: float = 7.0,  # gpt_oss only
+    experts: ExpertWeights,  # any strides
     config: Optional[dict] = None,  # overrides of select_block_config's choice
 ) -> torch.Tensor:  # (T, H) hidden.dtype
     """Fused MoE expert compute (see the module docstring); `fused_moe_reference` semantics.
@@ -474,98 +467,30 @@ def fused_moe_triton(
     Plain Python launcher: launches the Triton kernels directly (eager, CUDA tensors, or CPU
     tensors under TRITON_INTERPRET=1). Inside torch.compile use torch.ops.lynx.fused_moe_triton.
     """
-    return _fused_moe(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                      activation, alpha, limit, config, _no_wrap)
+    return _fused_moe(hidden, topk_weights, topk_ids, experts, config, _no_wrap)
 
 
-# --------------------------------------------------------------------------------------------
-# torch.library registration
-# --------------------------------------------------------------------------------------------
+def fused_moe_triton_wrapped(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                             experts: ExpertWeights, config: Optional[dict] = None) -> torch.Tensor:
+    """`fused_moe_triton` with each launch through `wrap_triton`: under torch.compile the launches
+    become triton_kernel_wrapper HOPs Inductor schedules as user kernels; in eager (and in the
+    interpreter) they are plain launches. The body of the triton_op lynx::fused_moe_triton."""
+    from torch.library import wrap_triton
 
-TRITON_OP_NAME = "lynx::fused_moe_triton"
-OPAQUE_OP_NAME = "lynx::fused_moe_triton_opaque"
+    return _fused_moe(hidden, topk_weights, topk_ids, experts, config, wrap_triton)
 
 
-def _config_from_ints(block_m: int, block_n: int, block_k: int) -> Optional[dict]:
-    # Schemas have no dict type: 0 means "from the table".
+def block_config_from_ints(block_m: int, block_n: int, block_k: int) -> Optional[dict]:
+    """The op schemas' three block-size ints -> a `config` (schemas have no dict; 0: from the table)."""
     chosen = {key: value for key, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k))
               if value}
     return chosen or None
 
 
-def _fused_moe_triton_op_body(
-    hidden: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_gate: Optional[torch.Tensor],
-    b_up: Optional[torch.Tensor],
-    b_down: Optional[torch.Tensor],
-    activation: str,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-    block_m: int = 0,
-    block_n: int = 0,
-    block_k: int = 0,
-) -> torch.Tensor:
-    # wrap_triton: under torch.compile the launches become triton_kernel_wrapper HOPs that
-    # Inductor schedules as user kernels; in eager (and in the interpreter) it is a plain launch.
-    from torch.library import wrap_triton
-
-    return _fused_moe(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                      activation, alpha, limit, _config_from_ints(block_m, block_n, block_k), wrap_triton)
+TRITON_OP_NAME = "lynx::fused_moe_triton"
 
 
-def _fused_moe_opaque_impl(
-    hidden: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_gate: Optional[torch.Tensor],
-    b_up: Optional[torch.Tensor],
-    b_down: Optional[torch.Tensor],
-    activation: str,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-    block_m: int = 0,
-    block_n: int = 0,
-    block_k: int = 0,
-) -> torch.Tensor:
-    return fused_moe_triton(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                            activation, alpha, limit, _config_from_ints(block_m, block_n, block_k))
-
-
-def _fused_moe_opaque_fake(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down,
-                           activation, alpha=1.702, limit=7.0, block_m=0, block_n=0, block_k=0):
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
-
-
-fused_moe_triton_op = None  # torch.library op objects, or None where registration failed
-fused_moe_triton_opaque = None
-_REGISTRATION_ERRORS: dict = {}
-
-
-def _register_ops():
-    global fused_moe_triton_op, fused_moe_triton_opaque
-    # Opaque op: torch.compile never looks inside, so it also works on CPU in the interpreter.
-    try:
-        fused_moe_triton_opaque = torch.library.custom_op(OPAQUE_OP_NAME, mutates_args=())(_fused_moe_opaque_impl)
-        fused_moe_triton_opaque.register_fake(_fused_moe_opaque_fake)
-    except Exception as error:  # e.g. already registered by an earlier import of a copy
-        _REGISTRATION_ERRORS[OPAQUE_OP_NAME] = error
-    # triton_op: needs no CUDA to register (Triton only to find its kernels, best effort); a
-    # failure must not break importing this module on a CPU-only machine.
-    try:
-        fused_moe_triton_op = torch.library.triton_op(TRITON_OP_NAME, mutates_args=())(_fused_moe_triton_op_body)
-    except Exception as error:
-        _REGISTRATION_ERRORS[TRITON_OP_NAME] = error
-
-
-def _announce_kernels_to_triton_op(kernels) -> None:
+def announce_kernels_to_triton_op(kernels) -> None:
     """The kernels are built lazily, so triton_op's registration-time source scan cannot find
     them; record them where AOTAutograd's cache key looks (kernel source changes then
     invalidate cached graphs). Best effort: a private table."""
@@ -575,6 +500,3 @@ def _announce_kernels_to_triton_op(kernels) -> None:
         library_triton.triton_ops_to_kernels[TRITON_OP_NAME] = list(kernels)
     except Exception:
         pass
-
-
-_register_ops()

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ..moe_experts_reference import ACTIVATIONS, check_inputs
+from ..moe_experts_reference import ACTIVATIONS, ExpertWeights, check_inputs
 
 SOURCE = pathlib.Path(__file__).with_name("moe_experts_cpu.cpp")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -95,17 +95,12 @@ def moe_experts_cpu(
     hidden: torch.Tensor,  # (T, H) fp32/bf16
     topk_weights: torch.Tensor,  # (T, k) any float dtype
     topk_ids: torch.Tensor,  # (T, k) integer, in [0, E)
-    w_gate: torch.Tensor,  # (E, I, H), unit stride along H or along I
-    w_up: torch.Tensor,  # (E, I, H), same
-    w_down: torch.Tensor,  # (E, H, I), unit stride along I or along H
-    b_gate: Optional[torch.Tensor],  # (E, I) or None
-    b_up: Optional[torch.Tensor],  # (E, I) or None
-    b_down: Optional[torch.Tensor],  # (E, H) or None
-    activation: str,  # "silu" or "gpt_oss"
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    experts: ExpertWeights,  # weights with a unit stride along H (gate/up) or I (down), or copied
 ) -> torch.Tensor:  # (T, H) hidden.dtype
-    check_inputs(hidden, topk_weights, topk_ids, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+    """`fused_moe_reference`'s computation on the CPU kernel. Raises ValueError naming a bad
+    argument (shapes, dtypes, device, an expert id outside [0, E))."""
+    check_inputs(hidden, topk_weights, topk_ids, experts)
+    w_gate, w_up, w_down, b_gate, b_up, b_down, activation, alpha, limit = experts
     if hidden.dtype not in _DTYPES:
         raise ValueError(f"hidden dtype {hidden.dtype}: the CPU kernel takes {sorted(map(str, _DTYPES))}")
     for name, weight in (("hidden", hidden), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):

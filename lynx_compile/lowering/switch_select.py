@@ -2,30 +2,30 @@
 
 Calibration tries several policies and parameters at every routing site. Compiling the model
 once per (site, setting) would cost minutes per compile on a CPU; instead the graph is compiled
-once with `lynx::switch_select` at every decode routing site (`compile_switchable`), and the
-setting each site runs is read at run time from the table installed by `use_settings`:
+once with `lynx::switch_select` at every decode routing site (`LynxPostGradPass(switchable=True)`),
+and the setting each site runs is read at run time from the table `use_settings` installs:
 
-    compiled = torch.compile(model, backend=switchable_backend(config))
     with use_settings(model, {"model.layers.0.mlp.gate": SiteSetting(...)}):
         compiled(**decode_inputs)        # layer 0 runs that setting; the others plain top-k
 
 Sites are named like `record()` names them (the module owning the router weight). The op is
-opaque to Inductor, so its selection runs eagerly (the same Python body that Inductor compiles
-for a deployed plan: `tests/lowering/test_selection_properties.py` checks they agree).
+opaque to Inductor, so its selection runs eagerly: the same Python body (`selection.batch_select`)
+Inductor compiles for a deployed plan (`tests/lowering/test_selection_properties.py` checks they
+agree).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 
-from ..config import LynxConfig, SiteSetting
-from ..lowering import selection
-from ..record import active_recorder, report_selection
+from ..policies import SiteSetting
+from ..policies.contract import plain_topk, voting_rows
+from ..record import active_recorder, report_selection, site_names_by_storage
+from . import selection
 
 _state = threading.local()
 
@@ -35,8 +35,7 @@ class SettingsTable:
 
     def __init__(self, model: torch.nn.Module, settings: dict[str, SiteSetting]) -> None:
         self.settings = dict(settings)
-        self._names_by_storage = {param.data_ptr(): name.rsplit(".", 1)[0]
-                                  for name, param in model.named_parameters()}
+        self._names_by_storage = site_names_by_storage(model)
 
     def site_name(self, fallback: str, router_weight: torch.Tensor) -> str:
         return self._names_by_storage.get(router_weight.data_ptr(), fallback)
@@ -62,30 +61,19 @@ def switch_select(scores: torch.Tensor, logits: torch.Tensor, k: int, decode_tok
                   live: torch.Tensor | None, router_weight: torch.Tensor,
                   site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """lynx::switch_select's body: the active setting of this site on decode batches, plain top-k
-    otherwise; reports to an active record() like a recording graph would."""
+    otherwise; reports to an active record() like a recording graph would.
+
+    scores, logits: (T, E); live: (T,) bool or None; router_weight: (E, H), names the site."""
     table = active_table()
     name = table.site_name(site, router_weight) if table is not None else site
     setting = table.settings.get(name) if table is not None else None
-    plain_values, plain_indices = selection.plain_topk(scores, k)
-    is_decode = decode_token_bound == selection.NO_DECODE_BOUND or scores.shape[0] <= decode_token_bound
+    plain_values, plain_indices = plain_topk(scores, k)
+    decode = selection.is_decode(scores.shape[0], decode_token_bound)
     values, indices = plain_values, plain_indices
-    if is_decode and setting is not None and setting.selects:
-        op = setting.op_arguments()
-        values, indices = selection.batch_select(scores, logits, k, op["alpha"], op["beta"], op["confidence_gap"],
-                                                 selection.NO_DECODE_BOUND, live, op["policy"],
-                                                 op["expert_budget"], op["keep_top"])
+    if decode and setting is not None and setting.selects:
+        values, indices = selection.batch_select(scores, logits, k, setting.policy, setting.params_dict(),
+                                                 selection.NO_DECODE_BOUND, live)
     if active_recorder() is not None:
-        budget = setting.op_arguments()["expert_budget"] if setting and setting.policy == "gate_mass_budget" else None
-        report_selection(name, plain_indices, indices, router_weight, scores.shape[1], is_decode,
-                         selection.voting_rows(scores, logits, k, live), budget)
+        report_selection(name, plain_indices, indices, router_weight, scores.shape[1], decode,
+                         voting_rows(scores, logits, k, live), setting.reported_budget if setting else None)
     return values, indices
-
-
-def switchable_backend(config: LynxConfig) -> Callable[..., Any]:
-    """A torch.compile backend: lynx's pass with every decode routing site made switchable."""
-    from ..backend import compile_with_lynx
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        return compile_with_lynx(gm, example_inputs, config, switchable=True)
-
-    return backend

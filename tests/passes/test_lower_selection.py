@@ -18,7 +18,7 @@ def test_inductor_generates_the_selection_kernels_and_matches_the_eager_op():
         logits = block.gate.weight.new_tensor(0) + hidden.view(16, -1) @ block.gate.weight.T
         scores = torch.softmax(logits, dim=-1)
         expected_values, expected_indices = selection.batch_select(
-            scores, logits, 2, 0.7, 1, 1 / 0.7, selection.NO_DECODE_BOUND)
+            scores, logits, 2, "affinity_binning", {"alpha": 0.7, "beta": 1, "confidence_gap": 1 / 0.7})
 
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(weights, expected_values / expected_values.sum(-1, keepdim=True))

@@ -1,0 +1,88 @@
+"""Lower `lynx::batch_select` into the aten ops of its body, so Inductor generates its kernels.
+
+Before (after the routing rewrite):
+
+    batch_select = lynx.batch_select(div, mm, 2, "affinity_binning", [0.7, 1.0, 1.43], -1, None)
+    getitem      = batch_select[0]                     # (T, k) values
+    getitem_1    = batch_select[1]                     # (T, k) indices
+
+After:
+
+    convert_element_type = prims.convert_element_type(mm, float32)
+    amax = aten.amax(...); sub = aten.sub(...); floor = aten.floor(...); ...
+    sort = aten.sort(...); topk = aten.topk(sort_key, 2, largest=False); ...
+    gather_1 = aten.gather(div, 1, gather)             # (T, k) values
+    gather   = aten.gather(token_order, 1, slots)      # (T, k) indices
+
+The body (`lowering/selection.py:batch_select`) is traced with make_fx under the graph's fake
+mode (`fx_match.insert_traced`); its arguments are read back with the op's own codec
+(`lowering/ops.py:decode_params`), so no default is restated here. Inductor then fuses the
+elementwise and reduction parts into generated C++ (CPU) or Triton (CUDA) kernels.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, Node
+
+from .. import policies
+from ..lowering import selection
+from ..lowering.ops import batch_select, decode_params, observe_selection
+from ..policies.contract import voting_rows
+from . import fx_match as fm
+
+
+def lower_selection(graph: Graph, record: bool = False) -> int:
+    """Replace every lynx.batch_select node by its traced body; return how many were lowered.
+
+    record: also route the chosen indices through lynx.observe_selection (recording variant).
+    """
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is batch_select:
+            _lower_one(graph, node, record)
+            count += 1
+    return count
+
+
+def _lower_one(graph: Graph, node: Node, record: bool) -> None:
+    scores, logits, k, policy, encoded, bound, live = _arguments(node)
+    params = decode_params(policy, encoded)
+    site_label, router_weight = node.meta["lynx_site"]
+    budget = policies.reported_budget(policy, params)
+    # Inputs that are graph nodes become inputs of the traced body; constants are baked in.
+    optional = {"bound": bound, "live": live}
+    traced_inputs = [name for name, value in optional.items() if isinstance(value, Node)]
+
+    def body(scores_value, logits_value, weight_value, *node_values):
+        given = dict(zip(traced_inputs, node_values))
+        token_bound, live_value = given.get("bound", bound), given.get("live")
+        values, indices = selection.batch_select(scores_value, logits_value, k, policy, params, token_bound,
+                                                 live_value)
+        if record:
+            plain = torch.topk(scores_value, k, dim=-1).indices
+            voters = voting_rows(scores_value, logits_value, k, live_value)
+            indices = observe_selection(plain, indices, weight_value, scores_value.shape[1], token_bound,
+                                        site_label, voters, -1 if budget is None else budget)
+        return values, indices
+
+    with graph.inserting_before(node):
+        outputs = fm.insert_traced(graph, body, [scores, logits, router_weight,
+                                                 *(optional[name] for name in traced_inputs)])
+    for user in list(node.users):
+        assert user.target is operator.getitem, f"unexpected user of batch_select: {user}"
+        user.replace_all_uses_with(outputs[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def _arguments(node: Node) -> tuple:
+    """The node's (scores, logits, k, policy, params, decode_token_bound, live), defaults filled in
+    from the op's schema."""
+    schema = node.target._schema
+    values = list(node.args)
+    for argument in schema.arguments[len(values):]:
+        values.append(node.kwargs.get(argument.name, argument.default_value))
+    return tuple(values)
