@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all demo bench eval calibrate train clean
+.PHONY: setup test test-all lint docs demo bench eval calibrate train clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,19 @@ $(STAMP): pyproject.toml
 # most of the suite is cold torch.compile, and one process leaves the second core idle.
 # `test` skips the tests marked slow (longer variants of checks it already makes); `test-all`
 # runs them too, with the property tests at 10,000 generated batches.
-test: $(STAMP)
+test: lint docs
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
-test-all: $(STAMP)
+test-all: lint docs
 	LYNX_THOROUGH=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The import layers (pyproject: [tool.importlinter]; docs/architecture.md): no cycle, nothing upward.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
+# The documentation site (mkdocs.yml), strict: a broken link or anchor fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -35,12 +43,12 @@ bench: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/lynx-compile eval
 
-# Per-layer plans for both shipped checkpoints under a KL budget (README: Per-layer calibration).
+# Per-layer plans for both shipped checkpoints under a KL budget (docs/calibration.md).
 calibrate: $(STAMP)
 	$(VENV)/bin/lynx-compile calibrate --checkpoint coarse --budget kl=0.01 --out bench/results/plans/plan_coarse_kl0.01.json
 	$(VENV)/bin/lynx-compile calibrate --checkpoint fine --budget kl=0.01 --out bench/results/plans/plan_fine_kl0.01.json
 
-# One more training leg for both checkpoints at once, one thread each (README: Trained checkpoints):
+# One more training leg for both checkpoints at once, one thread each (docs/checkpoints.md):
 # continues the saved run in build/training/NAME, or starts one from the shipped weights. Exports to
 # build/training/NAME-export; logs in build/training/NAME.log. `make train TRAIN_MINUTES=90`.
 TRAIN_MINUTES ?= 60

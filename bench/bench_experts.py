@@ -162,7 +162,7 @@ def format_row(row, variants):
 
 
 def markdown(rows, info) -> str:
-    """The README's tables: per block, every variant (ms and speedup) plus (a) and (b)."""
+    """The tables of docs/benchmarks.md: per block, every variant (ms and speedup) plus (a) and (b)."""
     lines = [machine_line(info)]
     for case in dict.fromkeys(r["case"] for r in rows):
         case_rows = [r for r in rows if r["case"] == case]

@@ -3,7 +3,7 @@
 CI runs torch 2.13; the GPU machine this project is lent has torch 2.11 (installed with
 `pip install --no-deps`, so pyproject's `torch>=2.13` is not enforced there). Each entry names
 the torch change it bridges and is detected by the feature itself, not by version number. Read
-from torch's history, not run on 2.11 here (no 2.11 available offline): see README, "The CUDA path".
+from torch's history, not run on 2.11 here (no 2.11 available offline): see docs/cuda.md.
 
 optimization_hint(size)     a SymInt's hint without adding a guard. torch.fx.experimental.
                             symbolic_shapes.optimization_hint arrived in 2026 (pytorch #175497,

@@ -88,17 +88,6 @@ class LynxConfig:
         if self.plan is not None:
             object.__setattr__(self, "plan", load_plan(self.plan))
 
-    @property
-    def selects(self) -> bool:
-        """True when some routing site may be rewritten into a selection op."""
-        return self.policy != "none" or (self.plan is not None and
-                                         any(e.policy != "none" for _, e in self.plan.sites))
-
-    @property
-    def fuses_experts(self) -> bool:
-        """Whether some expert dispatch may be replaced ("auto": where a site selects)."""
-        return self.experts in ("fused", "inductor") or (self.experts == "auto" and self.selects)
-
     def site_setting(self, site: str, num_experts: int, top_k: int) -> SiteSetting:
         """The policy and resolved parameters of one routing site: its plan entry if the plan
         names it, else the config's. Raises LynxOptionsError for parameters the site's k refuses."""

@@ -10,7 +10,7 @@ from moe_models import moe_block
 def test_defaults():
     config = LynxConfig.from_options(None)
     assert (config.policy, config.phase, config.experts) == ("affinity_binning", "decode", "auto")
-    assert config.selects
+    assert config.site_setting("gate", 8, 2).selects
 
 
 def test_fields_and_config_object_are_both_accepted_and_merge():

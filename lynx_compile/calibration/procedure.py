@@ -1,6 +1,6 @@
 """`lynx_compile.calibrate(model, batches, budget=...)`: a per-site plan under an accuracy budget.
 
-Method (costs and approximation, also in the README):
+Method (costs and approximation, also in docs/calibration.md):
 
  1. Compile the model once with every decode routing site switchable (`switchable_backend`,
     `lowering/switch_select.py`): one graph

@@ -77,7 +77,7 @@ def _plot_experts(axis, rows: list[dict], num_experts: int) -> None:
 
 
 def markdown(result: dict) -> str:
-    """The README's table: per task and B, Inductor vs lynx:affinity_binning (and lynx:none's step time).
+    """The evaluation page's table (docs/evaluation.md): per task and B, Inductor vs lynx:affinity_binning (and lynx:none's step time).
 
     Top-1 agreement and KL (from Inductor's next-token distribution, nats per token) exist for
     teacher-forced code-token only; "remapped" is the share of live (token, slot) expert choices
@@ -148,7 +148,7 @@ def comparison_points(result: dict) -> dict[int, list[dict]]:
 
 
 def comparison_markdown(result: dict) -> str:
-    """The README's comparison table: per B and variant, experts per step against fidelity to
+    """The comparison table (docs/evaluation.md): per B and variant, experts per step against fidelity to
     Inductor (teacher-forced code-token) and accuracy; "front": no other point reads fewer
     experts at equal or better top-1 agreement."""
     lines = [f"**{result['checkpoint']}**, task {FIDELITY_TASK}, fidelity to default Inductor at the same B:", "",

@@ -93,14 +93,6 @@ def module_path(node: Node) -> str | None:
     return path.replace("._modules['", ".").replace("']", "") or None
 
 
-def module_class(node: Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    _path, cls = list(stack.values())[-1]
-    return getattr(cls, "__name__", str(cls))
-
-
 def dynamo_origin(node: Node) -> str | None:
     """Name of the Dynamo-graph node this aten node was traced from."""
     sources = node.meta.get("from_node") or []

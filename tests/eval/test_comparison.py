@@ -1,5 +1,5 @@
 """`lynx-compile eval` comparing a plan with Inductor and the uncompiled model on a tiny slice of
-the coarse checkpoint: fidelity to Inductor (KL, top-1 agreement), the Pareto plot and the README
+the coarse checkpoint: fidelity to Inductor (KL, top-1 agreement), the Pareto plot and the docs'
 table. Policy none is not run here (one compile less, ~1.5 min cold): that its logits are
 Inductor's bit for bit is tests/test_backend.py's check, and that identical distributions score
 KL 0 and agreement 1 is checked below on the function the eval uses; the arith run in

@@ -4,7 +4,7 @@ Selection only pays if the expert computation after it is at least as fast as th
 dispatch. lynx's CPU kernel (`moe_experts_cpu.cpp`) multiplies in fp32 with FMA, widening bf16
 weights as it reads them; the model's own dispatch (transformers' `grouped_mm` / `batched_mm`)
 runs ATen GEMMs, i.e. oneDNN, per expert. Which is faster depends on whether the CPU multiplies
-bf16 natively. Measured (README, "Expert compute"):
+bf16 natively. Measured (docs/benchmarks.md, "Expert compute"):
 
   CPU                               weights  auto uses            evidence (Mixtral-shaped block, bf16)
   AVX512_BF16 or AMX                bf16     the model's dispatch  B=32 clustered: default Inductor 10.2-13.0 ms,
