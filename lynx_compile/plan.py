@@ -18,6 +18,12 @@ weight, as `explain` and `record` name it, e.g. "model.layers.0.mlp.gate"):
 Only "sites" and, per site, "policy" and "params" are read; "params" may be partial (missing
 parameters take the policy's defaults for the site's E and k) and may hold only the policy's own
 parameters. Sites a plan does not name fall back to the config's policy (`explain` says which).
+
+A plan read from a file remembers the file's state (`file_stamp`); the backend compares it on
+each call of a compiled graph (one `os.stat`) and, when the file's content changed, reloads it
+and recompiles that graph, so an edited plan takes effect on the next call without
+`torch._dynamo.reset()` (Dynamo reuses a compiled graph for options that compare equal, and
+`{"plan": path}` compares equal whatever the file holds).
 """
 
 from __future__ import annotations
@@ -56,6 +62,26 @@ class Plan:
 
     def site_names(self) -> list[str]:
         return [name for name, _ in self.sites]
+
+
+def file_stamp(source: str) -> tuple[int, int] | None:
+    """(mtime in ns, size) of a plan's file, None for a dict plan or a file gone."""
+    if source == "<dict>":
+        return None
+    try:
+        status = os.stat(source)
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
+
+
+def reloaded(plan: Plan) -> Plan | None:
+    """The plan as its file holds it now, if that differs from `plan`; None when unchanged (or a
+    dict plan). Raises LynxOptionsError when the edited file is no longer a valid plan."""
+    if plan.source == "<dict>":
+        return None
+    fresh = load_plan(plan.source)
+    return None if fresh == plan else fresh
 
 
 def load_plan(value: str | os.PathLike | dict | Plan) -> Plan:

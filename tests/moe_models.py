@@ -16,6 +16,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.decomposition import select_decomp_table
 
 from lynx_compile.config import LynxConfig
+from lynx_compile.passes.frame import current_frame_facts
 from lynx_compile.passes.pass_manager import LynxPostGradPass
 
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
@@ -136,6 +137,7 @@ class PassOnlyBackend:
         return gm
 
     def __call__(self, gm, example_inputs):
+        self.lynx_pass.frame = current_frame_facts()  # as the lynx backend reads it, per graph
         return self._backend(gm, example_inputs)
 
     def total(self, which: str, op: str) -> int:

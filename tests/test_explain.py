@@ -28,7 +28,7 @@ def test_explain_shows_why_a_topk_is_left_alone():
     report = explain(block, torch.randn(4, 1, 64), config=LynxConfig(policy="none"))
     reasons = [s.reason for s in report.sites]
     assert reasons == [
-        "top-k over a 3-D tensor along dim -1: not a (tokens, experts) score matrix",
+        "scores are reshaped across the expert dim: not a router output",  # the group top-k
         "scores come from aten.sum.dim_IntList, not from a router linear over the experts",
         "not rewritten: policy 'none'",
     ]

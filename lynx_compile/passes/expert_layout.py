@@ -201,8 +201,9 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
             return f"running the dispatch on example inputs failed ({type(error).__name__}: {error})"
         hidden, weights, ids = real[:3]
         params = real[3:3 + len(dispatch.params)]
-        # GPT-OSS's clamp only acts on large pre-activations: check a scaled-up input as well, or a
-        # model with another swiglu_limit would pass as the fused op's 7.0.
+        # A clamp only acts on large pre-activations: check a scaled-up input as well, or a model
+        # with another swiglu_limit would pass as the fused op's 7.0, and a clamped SiLU
+        # (DeepSeek-V4's) as a plain one.
         large = [real[0] * _CLAMP_PROBE_SCALE, *real[1:]]
         expected_large = None
         for layout in _candidates(params, hidden_size, _float_constants(dispatch.nodes)):
@@ -213,11 +214,9 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
                 continue
             if not (got.shape == expected.shape and _close(got, expected, hidden.dtype)):
                 continue
-            if layout.activation == "gpt_oss":
-                expected_large = region(*large) if expected_large is None else expected_large
-                got_large = fused_moe_reference(large[0], weights, ids, experts)
-                if not _close(got_large, expected_large, hidden.dtype):
-                    continue
+            expected_large = region(*large) if expected_large is None else expected_large
+            if not _close(fused_moe_reference(large[0], weights, ids, experts), expected_large, hidden.dtype):
+                continue
             return layout
     return "no fused expert layout computes what it computes (checked on example inputs)"
 
@@ -232,7 +231,7 @@ def _float_constants(nodes: list[Node]) -> set[float]:
     return found
 
 
-_CLAMP_PROBE_SCALE = 40.0  # pre-activations ~N(0, 20): well past GPT-OSS's clamp at +-7
+_CLAMP_PROBE_SCALE = 40.0  # pre-activations ~N(0, 20): well past GPT-OSS's clamp at +-7, V4's at 10
 
 
 def _example(value, generator: torch.Generator, num_tokens: int, num_experts: int, top_k: int):

@@ -4,16 +4,26 @@ Detection is structural, so it covers any MoE written with these pieces, whateve
 called. A top-k is a routing site when all three hold:
 
   scores   the (T, E) top-k input is computed from a router linear `x @ W.T (+ b)` with W of
-           shape (E, H), through only: dtype casts, softmax over E, sigmoid, adding a per-expert
-           bias, and masking to -inf (group-limited routing).
+           shape (E, H), through only: dtype casts, softmax over E, increasing elementwise
+           functions (sigmoid, softplus, sqrt, exp, log1p, tanh: DeepSeek-V4's sqrt(softplus)),
+           adding a per-expert bias ((E,) or (1, E)), and masking to -inf (group-limited routing).
   top-k    over the last dim, largest, k < E <= config.max_experts.
-  dispatch the top-k indices (through views) pick experts: they index a tensor with an E-sized
-           leading dim (stacked expert weights), are one-hot encoded over E (or E+1) classes,
-           are sorted and histogrammed into E bins, feed a non-aten op, or leave the graph
-           (transformers' `eager` experts loop graph-breaks right after routing).
+  dispatch the top-k indices (through views) pick experts, proven one of two ways:
+           - in the graph: they gather rows of a stacked (E, ., .) expert parameter, or are
+             sorted and histogrammed into E bins (a grouped dispatch);
+           - by the module that owns the router (`frame.py`): its parent module directly holds E
+             stacked experts (a 3-D parameter of leading dim E, or E modules of one class). This
+             is what a graph that ends at the top-k needs (transformers' `eager` experts loop
+             graph-breaks right after routing: the indices leave the graph), and what a one-hot
+             over E classes or a custom op taking the indices needs to count as a dispatch.
+           Indices that only leave the graph, are one-hot encoded or feed a custom op, with no
+           expert-holding module next to the router, are what a vocabulary or candidate top-k
+           (draft trees, candidate lists) does too: not routing.
 
 Anything else — a top-k for sampling, beam search, group selection inside DeepSeek's router,
 or a score computation we do not understand — is reported with the reason and left untouched.
+Sites are named by their full module path when the compiled frame's place in its model is known
+(`FrameFacts.full_name`), else relative to the frame.
 
 The phase of the batch is read from the (batch, seq, hidden) tensor the router's input was
 flattened from; see `phase.py`.
@@ -29,6 +39,7 @@ from torch.fx import Graph, Node
 from ..config import LynxConfig
 from ..policies import SiteSetting
 from . import fx_match as fm
+from .frame import FrameFacts
 from .fx_match import aten, prims
 from .phase import PhaseDecision, decide_phase
 
@@ -65,23 +76,23 @@ class RoutingSite:
                 and fm.is_call(self.topk, aten.topk.default))
 
 
-def find_routing_sites(graph: Graph, config: LynxConfig) -> list[RoutingSite]:
-    return [classify_topk(node, config) for node in graph.nodes if fm.is_call(node, aten.topk.default)]
+def find_routing_sites(graph: Graph, config: LynxConfig, frame: FrameFacts = FrameFacts()) -> list[RoutingSite]:
+    return [classify_topk(node, config, frame) for node in graph.nodes if fm.is_call(node, aten.topk.default)]
 
 
-def classify_topk(topk: Node, config: LynxConfig) -> RoutingSite:
-    site = RoutingSite(topk=topk, module_path=fm.module_path(topk), reason="",
+def classify_topk(topk: Node, config: LynxConfig, frame: FrameFacts = FrameFacts()) -> RoutingSite:
+    site = RoutingSite(topk=topk, module_path=frame.full_name(fm.module_path(topk)), reason="",
                        dynamo_node=fm.dynamo_origin(topk))
     scores, k = topk.args[0], topk.args[1]
     dim = _arg(topk, 2, "dim", -1)
     largest = _arg(topk, 3, "largest", True)
     shape = fm.shape_of(scores)
 
-    if shape is None or len(shape) != 2 or dim not in (-1, 1):
+    if shape is None or len(shape) not in (2, 3) or dim not in (-1, len(shape) - 1):
         site.reason = f"top-k over a {len(shape) if shape else '?'}-D tensor along dim {dim}: " \
-                      "not a (tokens, experts) score matrix"
+                      "not a (tokens, experts) or (batch, seq, experts) score matrix"
         return site
-    num_experts = shape[1]
+    num_experts = shape[-1]
     if not isinstance(num_experts, int):
         site.reason = "number of columns is symbolic: not a fixed set of experts"
         return site
@@ -106,7 +117,7 @@ def classify_topk(topk: Node, config: LynxConfig) -> RoutingSite:
         site.router_form += f", top-k as {rounds} rounds of max + mask"
     site.router_weight = router_weight(site.logits)
 
-    dispatch = find_dispatch(topk, num_experts)
+    dispatch = find_dispatch(topk, num_experts, router_holds_experts(site.logits, num_experts, frame))
     if dispatch.startswith("not routing"):
         site.reason = dispatch
         return site
@@ -139,7 +150,7 @@ def trace_router(scores: Node, num_experts: int) -> tuple[Node, str] | str:
                 return problem
             form = "linear"
             for step in reversed(steps):
-                form = f"{step}({form})" if step in ("softmax", "sigmoid") else f"{form}{step}"
+                form = f"{step}({form})" if step.isidentifier() else f"{form}{step}"
             return node, form
         if fm.is_call(node, *fm.LAYOUT_OPS):
             source_shape = fm.shape_of(node.args[0])
@@ -152,9 +163,14 @@ def trace_router(scores: Node, num_experts: int) -> tuple[Node, str] | str:
             steps.append("softmax")
             node = softmax_input
             continue
-        if fm.is_call(node, aten.sigmoid.default):
-            steps.append("sigmoid")
+        if fm.is_call(node, *_INCREASING):
+            steps.append(_INCREASING[node.target])
             node = node.args[0]
+            continue
+        softplus_input = _softplus_input(node)
+        if softplus_input is not None:
+            steps.append("softplus")
+            node = softplus_input
             continue
         biased = _bias_input(node, num_experts)
         if biased is not None:
@@ -195,7 +211,8 @@ def _softmax_input(node: Node) -> Node | None:
     exp, denominator = node.args
     if not (fm.is_call(exp, aten.exp.default) and fm.is_call(denominator, aten.sum.dim_IntList)):
         return None
-    if denominator.args[0] is not exp or list(denominator.args[1]) not in ([-1], [1]):
+    last = len(fm.shape_of(node) or (0, 0)) - 1
+    if denominator.args[0] is not exp or list(denominator.args[1]) not in ([-1], [last]):
         return None
     shifted = exp.args[0]
     if fm.is_call(shifted, aten.sub.Tensor) and fm.is_call(shifted.args[1], aten.amax.default):
@@ -203,13 +220,33 @@ def _softmax_input(node: Node) -> Node | None:
     return None
 
 
+# Elementwise functions that keep each token's order of experts (strictly increasing).
+_INCREASING = {aten.sigmoid.default: "sigmoid", aten.sqrt.default: "sqrt", aten.exp.default: "exp",
+               aten.log1p.default: "log1p", aten.tanh.default: "tanh"}
+
+
+def _softplus_input(node: Node) -> Node | None:
+    """x if node is softplus(x) as Inductor decomposes it: where(x > threshold, x, log1p(exp(x)))."""
+    if not fm.is_call(node, aten.where.self):
+        return None
+    condition, above, below = node.args
+    if not (fm.is_call(condition, aten.gt.Scalar) and condition.args[0] is above and isinstance(condition.args[1], (int, float))):
+        return None
+    if fm.is_call(below, aten.log1p.default) and fm.is_call(below.args[0], aten.exp.default) \
+            and below.args[0].args[0] is above:
+        return above
+    return None
+
+
 def _bias_input(node: Node, num_experts: int) -> Node | None:
-    """x if node is x + b with b a per-expert vector (DeepSeek's e_score_correction_bias)."""
+    """x if node is x + b with b a per-expert vector, (E,) or (1, E) (DeepSeek's and LongCat's
+    e_score_correction_bias)."""
     if not fm.is_call(node, aten.add.Tensor):
         return None
     left, right = node.args[:2]
     for x, bias in ((left, right), (right, left)):
-        if fm.shape_of(bias) == (num_experts,) and fm.shape_of(x) is not None and len(fm.shape_of(x)) == 2:
+        if fm.shape_of(bias) in ((num_experts,), (1, num_experts)) and fm.shape_of(x) is not None \
+                and len(fm.shape_of(x)) in (2, 3):
             return x
     return None
 
@@ -237,16 +274,34 @@ def _is_neg_inf(node: object) -> bool:
 
 # --- indices: are they used to pick experts? ------------------------------------------------------
 
-def find_dispatch(topk: Node, num_experts: int) -> str:
+def router_holds_experts(logits: Node, num_experts: int, frame: FrameFacts) -> bool:
+    """Whether the module owning the router linear sits in a module that directly holds E
+    stacked experts (`FrameFacts.expert_stacks`; paths relative to the frame)."""
+    router = fm.module_path(logits)
+    if router is None:
+        return False
+    parent = router.rsplit(".", 1)[0] if "." in router else ""
+    return frame.holds_experts(parent, num_experts) or frame.holds_experts(router, num_experts)
+
+
+def find_dispatch(topk: Node, num_experts: int, expert_module: bool = False) -> str:
     """Describe how the top-k indices reach an expert dispatch, or say why they do not."""
     indices = fm.getitem_users(topk).get(1)
     if indices is None or not indices.users:
         return "not routing: the indices are unused (e.g. a top-k sampling threshold)"
-    return dispatch_of([indices], num_experts)
+    return dispatch_of([indices], num_experts, expert_module)
 
 
-def dispatch_of(indices: list[Node], num_experts: int) -> str:
-    """How these expert-index tensors reach an expert dispatch, or why they do not."""
+# Evidence that needs the router's module to hold E stacked experts too (a candidate top-k over a
+# vocabulary can leave the graph, be one-hot encoded or feed a custom op just the same).
+_NEEDS_EXPERT_MODULE = ("deferred to the next graph", "one-hot over experts", "custom op", "scattered into")
+
+
+def dispatch_of(indices: list[Node], num_experts: int, expert_module: bool = False) -> str:
+    """How these expert-index tensors reach an expert dispatch, or why they do not.
+
+    expert_module: the router's module sits in one that holds E stacked experts
+    (`router_holds_experts`), which the weak kinds of evidence need."""
     evidence: list[str] = []
     for user in (user for node in indices for user in fm.layout_users(node)):
         found = _dispatch_kind(user, num_experts)
@@ -257,6 +312,12 @@ def dispatch_of(indices: list[Node], num_experts: int) -> str:
         evidence.append(found)
     if not evidence:
         return "not routing: the indices do not select experts"
+    strong = [e for e in evidence if not e.startswith(_NEEDS_EXPERT_MODULE)]
+    if not strong and not expert_module:
+        return (f"not routing: the indices are only {', '.join(sorted(set(evidence)))}, and no module next to the "
+                f"router holds {num_experts} stacked experts (a vocabulary or candidate top-k does the same)")
+    if not strong:
+        evidence.append(f"the router's module holds {num_experts} stacked experts")
     return ", ".join(sorted(set(evidence)))
 
 
@@ -275,8 +336,11 @@ def _dispatch_kind(user: Node, num_experts: int) -> str | None:
     if user.target in _INDEX_ARITHMETIC:
         return f"not routing: the indices are used as numbers ({fm.op_name(user)}), e.g. beam search"
     if user.target in (aten.index.Tensor, aten.embedding.default, aten.index_select.default):
-        table_shape = fm.shape_of(user.args[0])  # the tensor being indexed (weight for embedding)
-        if table_shape and table_shape[0] == num_experts:
+        table = user.args[0]  # the tensor being indexed (the weight, for embedding)
+        source = fm.through_layout(table) if isinstance(table, Node) else None
+        shape = fm.shape_of(table)
+        if shape and len(shape) == 3 and shape[0] == num_experts and source is not None \
+                and source.op in ("placeholder", "get_attr"):
             return "gathers stacked expert weights"
         return None
     if user.target is aten.eq.Tensor:
@@ -287,12 +351,23 @@ def _dispatch_kind(user: Node, num_experts: int) -> str | None:
         return None
     if user.target is aten.one_hot.default:
         return "one-hot over experts"
+    if user.target in (aten.scatter.src, aten.scatter.value, aten.scatter_add.default) and user.args[2] is not None \
+            and len(user.args) > 2 and _is_index_of(user, 2):
+        shape = fm.shape_of(user)
+        if shape and shape[-1] == num_experts:
+            return "scattered into a dense (T, E) routing matrix"
+        return None
     if user.target is aten.sort.default:
         return "sorted by expert" if _histogrammed(user, num_experts) else None
     target = user.target
     if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
         return f"custom op {fm.op_name(user)}"
     return None
+
+
+def _is_index_of(user: Node, position: int) -> bool:
+    """Whether the indices (through layout ops) are `user`'s argument at `position`."""
+    return isinstance(user.args[position], Node)
 
 
 def _histogrammed(sort: Node, num_experts: int) -> bool:

@@ -38,7 +38,8 @@ from torch.fx import Graph, Node
 
 from ..config import LynxConfig
 from . import fx_match as fm
-from .find_routing import RoutingSite, dispatch_of, trace_router
+from .find_routing import RoutingSite, dispatch_of, router_holds_experts, trace_router
+from .frame import FrameFacts
 from .fx_match import aten, prims
 from .phase import decide_phase
 
@@ -67,14 +68,14 @@ class MaxChain:
         return self.rounds[0].source
 
 
-def canonicalize_max_routing(graph: Graph, config: LynxConfig) -> list[RoutingSite]:
+def canonicalize_max_routing(graph: Graph, config: LynxConfig, frame: FrameFacts = FrameFacts()) -> list[RoutingSite]:
     """Turn every max-rounds router that will be rewritten into a top-k; report the others.
 
     Returns the sites left alone (for `explain`); rewritten ones reappear as top-k sites.
     """
     left_alone = []
     for chain in find_max_chains(graph, config):
-        site = _classify(chain, config)
+        site = _classify(chain, config, frame)
         if site is None:
             _to_topk(graph, chain)
         elif site.is_routing or len(chain.rounds) > 1:  # a lone argmax that routes nothing is no news
@@ -201,11 +202,12 @@ def _cat_dim(cat: Node) -> int:
 
 # --- deciding ----------------------------------------------------------------------------------
 
-def _classify(chain: MaxChain, config: LynxConfig) -> RoutingSite | None:
+def _classify(chain: MaxChain, config: LynxConfig, frame: FrameFacts) -> RoutingSite | None:
     """None when the chain is a routing site lynx will rewrite; otherwise the site, with why not."""
     first = chain.rounds[0].op
     num_experts, top_k = fm.shape_of(chain.scores)[1], len(chain.rounds)
-    site = RoutingSite(topk=first, module_path=fm.module_path(first), reason="", dynamo_node=fm.dynamo_origin(first),
+    site = RoutingSite(topk=first, module_path=frame.full_name(fm.module_path(first)), reason="",
+                       dynamo_node=fm.dynamo_origin(first),
                        num_experts=num_experts, top_k=top_k)
     rounds_form = f"{top_k} round{'s' if top_k > 1 else ''} of max + mask"
     router = trace_router(chain.scores, num_experts)
@@ -215,7 +217,7 @@ def _classify(chain: MaxChain, config: LynxConfig) -> RoutingSite | None:
     site.logits, form = router
     site.router_form = f"{form}, {rounds_form}"
     indices = [chain.index_stack] if chain.index_stack is not None else [r.index for r in chain.rounds]
-    dispatch = dispatch_of(indices, num_experts)
+    dispatch = dispatch_of(indices, num_experts, router_holds_experts(site.logits, num_experts, frame))
     if dispatch.startswith("not routing"):
         site.reason = dispatch
         return site

@@ -3,7 +3,8 @@
 Order, fixed (each stage reads what the previous one left):
   0. max_routing     routers choosing experts by k rounds of max + mask -> aten.topk, where the
                      site will be rewritten; the others are reported as they are
-  1. find_routing    classify every aten.topk (routing site or not, and why)
+  1. find_routing    classify every aten.topk (routing site or not, and why); flat_topk turns a
+                     selected (batch, seq, E) top-k into a (T, E) one
   2. fuse_experts    the expert dispatch after a decode site -> lynx.moe_experts
                      (experts="inductor": -> two aten._grouped_mm, fuse_experts_inductor.py)
                      (config.experts; it reads the top-k's outputs, so it runs before 3)
@@ -12,8 +13,12 @@ Order, fixed (each stage reads what the previous one left):
 
 The pass runs as Inductor's `post_grad_custom_pre_pass`, i.e. on the functionalized aten graph
 right after dead-code elimination and before Inductor's own pattern passes, so those still see
-(and fuse) what we emit. It never replaces a pass someone else configured: `inductor_patches`
-returns the hook's current value with ours appended.
+(and fuse) what we emit. With `torch._inductor.config.freezing` on, it runs as
+`joint_custom_pre_pass` instead: freezing prepacks weights (the router's `mm` becomes
+`_mkl_linear` / `mkldnn._linear_pointwise`, parameters become constants) before any post-grad
+pass, and the joint passes run on the same functional aten graph before that. It never replaces
+a pass someone else configured: `inductor_patches` returns the hook's current value with ours
+appended.
 
 `uuid()` hashes this package's source and the config, so Inductor's FX graph cache stays on
 and an edit to lynx or a different config never reuses a stale compiled graph.
@@ -36,12 +41,15 @@ from ..compat import CUSTOM_PASS_LISTS
 from ..config import LynxConfig
 from ..lowering.kernels.choice import decision_key
 from .find_routing import RoutingSite, find_routing_sites
+from .flat_topk import flatten_routing_topks
+from .frame import FrameFacts
 from .fuse_experts import fuse_expert_dispatches
 from .lower_selection import lower_selection
 from .max_routing import canonicalize_max_routing
 from .rewrite_routing import observe_plain_sites, rewrite_routing_sites
 
 HOOK = "post_grad_custom_pre_pass"
+FREEZING_HOOK = "joint_custom_pre_pass"  # before freezing's weight prepacking
 
 
 @dataclasses.dataclass
@@ -55,18 +63,24 @@ class GraphReport:
 
 
 class LynxPostGradPass(CustomGraphPass):
+    """frame: what the compiled frame tells about the graph (`frame.py`): site names, expert
+    ownership; computed by the backend while Dynamo compiles."""
+
     def __init__(self, config: LynxConfig, record: bool = False,
-                 on_report: Callable[[GraphReport], None] | None = None, switchable: bool = False) -> None:
+                 on_report: Callable[[GraphReport], None] | None = None, switchable: bool = False,
+                 frame: FrameFacts | None = None) -> None:
         self.config = config
         self.record = record
         self.on_report = on_report
         self.switchable = switchable  # calibration: sites' settings chosen at run time
+        self.frame = frame or FrameFacts()
 
     def __call__(self, graph: Graph) -> None:
         keep_text = self.on_report is not None or logs.wants_graphs()
         before = str(graph) if keep_text else ""
-        left_alone = canonicalize_max_routing(graph, self.config)
-        sites = left_alone + find_routing_sites(graph, self.config)
+        left_alone = canonicalize_max_routing(graph, self.config, self.frame)
+        sites = left_alone + find_routing_sites(graph, self.config, self.frame)
+        flatten_routing_topks(graph, sites)
         fuse_expert_dispatches(graph, sites, self.config)
         rewrite_routing_sites(graph, sites, self.config, switchable=self.switchable)
         if self.record:
@@ -84,7 +98,7 @@ class LynxPostGradPass(CustomGraphPass):
         # The CPU's features (or LYNX_EXPERTS_AUTO) decide experts="auto" (lowering/kernels/choice.py).
         return hashlib.sha256(
             f"{_source_hash()}|{self.config!r}|record={self.record}|switchable={self.switchable}|{decision_key()}"
-            .encode()).hexdigest()
+            f"|{self.frame!r}".encode()).hexdigest()
 
 
 def describe_site(site: RoutingSite) -> dict[str, object]:
@@ -114,12 +128,16 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
-def inductor_patches(lynx_pass: LynxPostGradPass) -> dict[str, object]:
-    """Inductor config patches that add `lynx_pass` after whatever the hook already holds.
+def inductor_patches(lynx_pass: LynxPostGradPass, freezing: bool | None = None) -> dict[str, object]:
+    """Inductor config patches that add `lynx_pass` after whatever its hook already holds.
 
-    A list where Inductor takes one (torch 2.13); where a hook holds a single pass (torch 2.11),
-    one `ChainedPasses` running the configured passes, then lynx's (see compat.py)."""
-    existing = getattr(torch._inductor.config, HOOK)
+    freezing: whether the compile freezes weights (None: Inductor's config now); the hook is
+    `joint_custom_pre_pass` then, `post_grad_custom_pre_pass` otherwise. A list where Inductor
+    takes one (torch 2.13); where a hook holds a single pass (torch 2.11), one `ChainedPasses`
+    running the configured passes, then lynx's (see compat.py)."""
+    freezing = torch._inductor.config.freezing if freezing is None else freezing
+    hook = FREEZING_HOOK if freezing else HOOK
+    existing = getattr(torch._inductor.config, hook)
     if existing is None:
         passes = []
     elif isinstance(existing, (list, tuple)):
@@ -127,8 +145,8 @@ def inductor_patches(lynx_pass: LynxPostGradPass) -> dict[str, object]:
     else:
         passes = [existing]
     if CUSTOM_PASS_LISTS:
-        return {HOOK: passes + [lynx_pass]}
-    return {HOOK: ChainedPasses(passes + [lynx_pass]) if passes else lynx_pass}
+        return {hook: passes + [lynx_pass]}
+    return {hook: ChainedPasses(passes + [lynx_pass]) if passes else lynx_pass}
 
 
 class ChainedPasses(CustomGraphPass):

@@ -106,18 +106,37 @@ def first_forward_attention(graph: Graph) -> Node | None:
 
 
 def find_token_flatten(router_input: Node) -> Node | None:
-    """The (batch, seq, hidden) tensor that was flattened into the router's (T, hidden) input."""
+    """The (batch, seq, hidden) tensor that was flattened into the router's (T, hidden) input.
+
+    Walks up through layout ops and through per-token ops (a normalization, a scale: ops whose
+    output is (T, hidden) again), which never mix tokens, so the T rows still are the batch's
+    B * S positions in order."""
     tokens = fm.shape_of(router_input)
-    node = router_input
-    for _ in range(16):
+    if tokens is None or len(tokens) != 2:
+        return None
+    seen: set[Node] = set()
+    stack = [router_input]
+    while stack and len(seen) < 64:
+        node = stack.pop()
+        if node in seen or not isinstance(node, Node):
+            continue
+        seen.add(node)
         shape = fm.shape_of(node)
         if shape is not None and len(shape) == 3 and shape[2] == tokens[1] \
                 and statically_known_true(shape[0] * shape[1] == tokens[0]):
             return node
-        if not (fm.is_call(node, *fm.LAYOUT_OPS) and isinstance(node.args[0], Node)):
-            return None
-        node = node.args[0]
+        if fm.is_call(node, *fm.LAYOUT_OPS) and isinstance(node.args[0], Node):
+            stack.append(node.args[0])
+        elif node.op == "call_function" and shape == tokens:
+            stack.extend(arg for arg in node.all_input_nodes if _per_token_input(arg, tokens))
     return None
+
+
+def _per_token_input(node: Node, tokens: tuple) -> bool:
+    """An input a per-token op reads row by row: the (T, hidden) rows, or their (T, 1) statistics."""
+    shape = fm.shape_of(node)
+    return shape is not None and len(shape) == 2 and shape[1] in (tokens[1], 1) \
+        and statically_known_true(shape[0] == tokens[0])
 
 
 def batch_size_node(graph_node: Node) -> Node:

@@ -33,8 +33,8 @@ ROUTER_FORMS = {
     "gpt_oss": "linear",
     "deepseek_v3": "sigmoid(linear)+bias, masked",
 }
-DISPATCH = {
-    "eager": "deferred to the next graph (experts loop)",
+DISPATCH = {  # the evidence explain names ({E}: the site's experts)
+    "eager": "deferred to the next graph (experts loop), the router's module holds {E} stacked experts",
     "batched_mm": "gathers stacked expert weights",
     "grouped_mm": "sorted by expert",
 }
@@ -52,7 +52,7 @@ def test_finds_and_rewrites_the_routing_site_of_every_architecture(arch, experts
     [site] = backend.routing_sites
     assert site.router_form == ROUTER_FORMS[arch]
     assert (site.num_experts, site.top_k) == {"mixtral": (8, 2), "gpt_oss": (8, 2)}.get(arch, (16, 4))
-    assert site.dispatch == DISPATCH[experts_impl]
+    assert site.dispatch == DISPATCH[experts_impl].format(E=site.num_experts)
     assert site.rewritten and site.reason == "rewritten: decode graph (seq len 1)"
     # op counts: the routing top-k is gone, its lowered body brings its own small top-ks, and no
     # opaque op is left.
@@ -62,7 +62,7 @@ def test_finds_and_rewrites_the_routing_site_of_every_architecture(arch, experts
         others = [s for s in backend.sites if not s.is_routing]
         assert len(others) == 2 and not any(s.rewritten for s in others)
         assert {s.reason for s in others} == {
-            "top-k over a 3-D tensor along dim -1: not a (tokens, experts) score matrix",
+            "scores are reshaped across the expert dim: not a router output",  # (T, groups, E / groups)
             "scores come from aten.sum.dim_IntList, not from a router linear over the experts"}
 
 

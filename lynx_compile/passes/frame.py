@@ -1,0 +1,118 @@
+"""What the frame Dynamo compiled tells about its graph: where it sits in its model, and which of
+its modules hold stacked experts.
+
+A post-grad graph names modules relative to the compiled frame (`nn_module_stack`): "gate" when
+Dynamo compiled an MoE block on its own (transformers' `eager` experts loop graph-breaks inside
+it; regional compilation compiles one layer), "model.layers.0.mlp.gate" when it compiled the
+whole model. Two facts need the module objects themselves, which only the frame has:
+
+  prefix         the frame owner's dotted path in the model running it ("" for the root,
+                 "model.layers.0" for a layer compiled alone), so a site is named by its full
+                 path (what `calibrate` and `record()` write) however it was compiled. The model
+                 is the outermost module among the callers on the Python stack (the frames of
+                 the model's forward that called the compiled one); with none, the owner is
+                 the root.
+  expert_stacks  (module path relative to the frame, E) for every module that directly holds
+                 E-row stacked expert parameters: a child (or itself) with a 3-D parameter of
+                 leading dim E (transformers' fused experts, gpt-fast's w1/w2/w3), or a
+                 ModuleList / ModuleDict of E modules of one class (per-expert modules). A router
+                 whose parent module is such a module chooses experts: that is the evidence a
+                 graph that ends at the top-k (its indices leave the graph) cannot show itself.
+  siblings       full paths of the other modules of the owner's class under the same root:
+                 one compiled graph serves all of them (Dynamo reuses it for every instance),
+                 so per-layer plan entries that differ between them cannot apply.
+
+The facts are computed once per graph by the backend, while Dynamo's translator is active, and
+are part of the pass's cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+_WRAPPER_CHILD = "_orig_mod"  # torch.compile(module) wraps the module as this child: not a path step
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameFacts:
+    prefix: str | None = None
+    expert_stacks: tuple[tuple[str, int], ...] = ()
+    siblings: tuple[str, ...] = ()
+    owner_class: str | None = None
+    # every module path of the root model (to tell a plan entry that names no module); not part
+    # of the facts' identity: it changes no compiled graph
+    module_names: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    def full_name(self, relative: str | None) -> str | None:
+        """A module path relative to the frame -> its full path in the model (unchanged when the
+        frame's place is unknown)."""
+        if relative is None or not self.prefix:
+            return relative
+        return f"{self.prefix}.{relative}"
+
+    def holds_experts(self, module: str, num_experts: int) -> bool:
+        """Whether the module at this frame-relative path directly holds E stacked experts."""
+        return (module, num_experts) in self.expert_stacks
+
+
+def current_frame_facts() -> FrameFacts:
+    """The facts of the frame Dynamo is compiling now; empty facts outside a Dynamo compile."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        translator = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001 - no translator (a direct call, a future torch): no facts
+        return FrameFacts()
+    owner = (getattr(translator, "f_locals", None) or {}).get("self")
+    if not isinstance(owner, torch.nn.Module):
+        return FrameFacts()
+    owner = getattr(owner, _WRAPPER_CHILD, owner)
+    prefix, root = _place(owner)
+    siblings = tuple(name for name, module in _named_modules(root)
+                     if type(module) is type(owner) and module is not owner)
+    names = frozenset(name for name, _ in _named_modules(root))
+    return FrameFacts(prefix, _expert_stacks(owner), siblings, type(owner).__name__, names)
+
+
+def _expert_stacks(owner: torch.nn.Module) -> tuple[tuple[str, int], ...]:
+    stacks = set()
+    for path, module in owner.named_modules():
+        holders = [module, *module.children()]
+        for holder in holders:
+            for param in holder.parameters(recurse=False):
+                if param.dim() == 3:
+                    stacks.add((path, int(param.shape[0])))
+        for child in module.children():
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)) and len(child) >= 2:
+                members = list(child.children())
+                if len({type(m) for m in members}) == 1 and any(True for _ in members[0].parameters()):
+                    stacks.add((path, len(members)))
+    return tuple(sorted(stacks))
+
+
+def _named_modules(module: torch.nn.Module):
+    """named_modules() with torch.compile's wrapper step left out of the names."""
+    for name, child in module.named_modules():
+        parts = [part for part in name.split(".") if part != _WRAPPER_CHILD]
+        yield ".".join(parts), child
+
+
+def _place(owner: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """(the owner's path in the outermost calling module that holds it, that module).
+
+    Reads the callers' frames (their `self`): the module whose forward is running the compiled
+    frame, and its own callers up to the model the user called."""
+    place, root = "", owner
+    frame = sys._getframe(1)
+    while frame is not None:
+        caller = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(caller, torch.nn.Module) and caller is not root:
+            for name, module in _named_modules(caller):
+                if module is owner and name:
+                    place, root = name, caller
+                    break
+        frame = frame.f_back
+    return place, root
