@@ -27,6 +27,12 @@ keeps what it measured; `<out>/gpu_check.md` holds the short tables.
                    after selection (lynx_compile.record); HBM share = bytes of the distinct experts
                    read / step time / 4.8 TB/s (H200 peak).
 
+  d. selection     one routing site compiled alone (router linear, softmax, top-k; its module holds
+                   E stacked experts), T in 4, 16, 64, E in 8, 128: the compiled plain top-k (policy
+                   none) against AffinityBinning (on CUDA its traced body, which Inductor compiles
+                   to Triton kernels), under CUDA graphs; the per-site ratio bench_selection.py
+                   measures on CPU.
+
 Random weights, routers with trained-like spread (router logit std ~1.5, as bench_moe.py does).
 The batch dimension is marked dynamic, so each variant compiles twice (B=1, then B>=2), not once
 per B. Autotuning is bounded to the decode-sized grouped-GEMM configs (--full-autotune: all).
@@ -488,6 +494,44 @@ def measure_latency(records: list, settings: Settings, budget: Results, autotune
         restore()
 
 
+class RouterSite(torch.nn.Module):
+    """One routing site, as bench/bench_selection.py times it on CPU."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, num_experts, bias=False)
+        self.experts = torch.nn.Module()
+        self.experts.w = torch.nn.Parameter(torch.zeros(num_experts, 1, 1))
+        self.hidden, self.top_k = hidden, top_k
+        torch.nn.init.normal_(self.gate.weight, std=1.5 / hidden ** 0.5)
+
+    def forward(self, x):  # (B, 1, H)
+        scores = torch.softmax(self.gate(x.view(-1, self.hidden)), dim=-1)  # (T, E)
+        return torch.topk(scores, self.top_k, dim=-1)
+
+
+def measure_selection(records: list, settings: Settings) -> None:
+    hidden = 64 if settings.device == "cpu" else 2048
+    for num_experts, top_k in ((8, 2), (128, 8)):
+        for tokens in (4, 16, 64):
+            record = {"E": num_experts, "k": top_k, "T": tokens}
+
+            def one(num_experts=num_experts, top_k=top_k, tokens=tokens):
+                torch.manual_seed(0)
+                site = RouterSite(hidden, num_experts, top_k).to(settings.device).eval()
+                x = torch.randn(tokens, 1, hidden, device=settings.device)
+                out = {}
+                with torch.no_grad():
+                    for name, options in (("plain", {"policy": "none"}), ("affinity_binning", {})):
+                        torch._dynamo.reset()
+                        fn = torch.compile(site, backend="lynx", options=options, mode=settings.cudagraph_mode)
+                        out[f"{name}_ms"] = time_ms(fn, x, settings)
+                out["ratio"] = out["affinity_binning_ms"] / out["plain_ms"]
+                return out
+
+            guarded(records, record, one)
+
+
 def bound_grouped_mm_autotuning(which: str):
     """Keep max-autotune's grouped-GEMM search to decode-sized tiles (BLOCK_M <= 32, N/K <= 128,
     3 stages): with the batch dimension dynamic Inductor cannot prune by rows per expert and would
@@ -552,6 +596,13 @@ def write_markdown(doc: dict, path: pathlib.Path) -> None:
                 cells.append(f"{r['ms']:.3f} ({r.get('experts', '-')}, {r.get('hbm_share', '-')}{speedup})" if "ms" in r
                              else r.get("status", "-"))
             lines.append(f"| {block} | {batch} | " + " | ".join(cells) + " |")
+    selection = steps.get("selection", {}).get("records", [])
+    if selection:
+        lines += ["", "## d. selection per site (ms per call, median; ratio = AffinityBinning / plain top-k)", "",
+                  "| E | k | T | plain ms | affinity_binning ms | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['E']} | {r['k']} | {r['T']} | {r['plain_ms']:.3f} | {r['affinity_binning_ms']:.3f} | "
+                  f"{r['ratio']:.2f}x |" if r.get("status") == "ok" else f"| {r['E']} | {r['k']} | {r['T']} | "
+                  f"{r.get('status')} | | |" for r in selection]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -559,8 +610,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=pathlib.Path, help="folder for gpu_check.json / .md")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
-    parser.add_argument("--steps", nargs="+", default=["correctness", "cudagraphs", "latency"],
-                        choices=["correctness", "cudagraphs", "latency"])
+    parser.add_argument("--steps", nargs="+", default=["correctness", "cudagraphs", "latency", "selection"],
+                        choices=["correctness", "cudagraphs", "latency", "selection"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="override the decode batch sizes")
     parser.add_argument("--blocks", nargs="+", choices=list(GPU.blocks), default=list(GPU.blocks),
                         help="MoE block shapes for the latency step")
@@ -585,7 +636,8 @@ def main(argv=None) -> int:
     steps = {"correctness": (check_correctness, settings),
              "cudagraphs": (check_cudagraphs, settings, tuple(args.variants)),
              "latency": (measure_latency, settings, results, "all" if args.full_autotune else "decode",
-                         tuple(args.blocks), tuple(args.variants))}
+                         tuple(args.blocks), tuple(args.variants)),
+             "selection": (measure_selection, settings)}
     for name in args.steps:
         fn, *fn_args = steps[name]
         results.run_step(name, fn, *fn_args)

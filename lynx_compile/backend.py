@@ -23,6 +23,7 @@ from .config import LynxConfig
 from .errors import LynxOptionsError
 from .plan import file_stamp, reloaded
 from .lowering import ops as _ops  # noqa: F401  (defines the lynx:: operators)
+from .lowering.kernels import select_experts_cpu
 from .passes.frame import FrameFacts, current_frame_facts
 from .passes.pass_manager import GraphReport, LynxPostGradPass, inductor_patches
 from .passes.plan_reach import check_plan_reach
@@ -62,6 +63,10 @@ def compile_with_lynx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], c
 def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: LynxConfig, mode: str | None,
              frame: FrameFacts, **pass_options: Any) -> Callable[..., Any]:
     """compile_fx with lynx's pass in the hook its freezing setting calls for."""
+    if any(_is_topk(node) for node in gm.graph.nodes) and select_experts_cpu.selection_path() != "body":
+        # A graph loaded from Inductor's cache runs without the pass: its selection kernel must be
+        # registered all the same (built on first use, then loaded).
+        select_experts_cpu.available()
     patches = _mode_patches(mode)
     freezing = bool(patches.get("freezing", torch._inductor.config.freezing))
     patches.update(inductor_patches(LynxPostGradPass(config, frame=frame, **pass_options), freezing))

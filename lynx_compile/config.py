@@ -42,6 +42,9 @@ class LynxConfig:
             (confident top-1s, k eligible experts per token); `record()` reports it.
         keep_top: (opportunistic) each token's own top experts it always keeps, an int in
             [1, k]; its other slots go to experts the batch loads anyway. None: max(1, k // 2).
+        keep_mass: (protected_mass) the share of its top-k's router probability each token keeps
+            on its own experts, in (0, 1]; its lighter slots go to experts the batch loads
+            anyway. None: 0.8.
         phase: "decode" remaps only decode batches (each sequence contributes one token);
             "all" remaps every batch, prefill included (for studies; hurts accuracy).
         max_decode_tokens: for sites whose (batch, seq, hidden) flatten is not visible in the
@@ -74,6 +77,7 @@ class LynxConfig:
     pad_token_id: int | None = None
     expert_budget: int | float | None = None
     keep_top: int | None = None
+    keep_mass: float | None = None
     plan: Any = None  # str | os.PathLike | dict | plan.Plan | None; held as a plan.Plan
 
     def __post_init__(self) -> None:

@@ -154,10 +154,25 @@ class PassOnlyBackend:
 
 TOPK = "aten.topk.default"
 BATCH_SELECT = "lynx.batch_select.default"
+SELECT_KERNEL = "lynx.select_experts_cpu.default"
 # The lowered selection body's own small top-ks (AffinityBinning, no dead-row mask): the plain
 # top-k, each token's k-th eligible rank, the top-2 logits (confidence), the k smallest sort keys
 # of the remap. With pad_token_id set, the dead rows' remap adds one.
-TOPKS_IN_SELECTION = 4
+TOPKS_IN_BODY = 4
+
+
+def selection_kernel() -> bool:
+    """Whether CPU sites lower to the C++ selection kernel in this run (LYNX_SELECTION; where it
+    builds), or to the traced body."""
+    from lynx_compile.lowering.kernels import select_experts_cpu
+
+    return select_experts_cpu.use_kernel()
+
+
+def topks_in_selection() -> int:
+    """aten.topk nodes a lowered AffinityBinning site holds: the plain top-k beside the kernel, or
+    the body's own."""
+    return 1 if selection_kernel() else TOPKS_IN_BODY
 
 
 # --- hand-written modules ---------------------------------------------------------------------

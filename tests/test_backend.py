@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+import lynx_compile
 from lynx_compile import LynxConfig
 from lynx_compile.passes.pass_manager import LynxPostGradPass
 from moe_models import ARCHS, decode_step, moe_block, tiny_model
@@ -145,3 +146,18 @@ def test_transformers_compile_config_path_with_a_static_cache():
             else:
                 assert any(c.experts_after < c.experts_before for c in decode)
     model.generation_config.compile_config = None
+
+
+def test_a_one_token_step_is_left_as_default_inductor_compiled_it():
+    """B=1 (Dynamo specializes it: T is statically 1): nothing to select, so lynx leaves the
+    site, and the graph, exactly as they were, and explain says why."""
+    model = tiny_model("mixtral", num_layers=2)
+    with torch.no_grad():
+        expected = torch.compile(model)(**decode_step(model, 1)).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="lynx")(**decode_step(model, 1)).logits
+    assert torch.equal(got, expected)
+    report = lynx_compile.explain(model, **decode_step(model, 1))
+    assert [s.rewritten for s in report.routing_sites] == [False, False]
+    assert all("one token per call (T=1)" in s.reason for s in report.routing_sites)
+    assert report.graphs[0].before == report.graphs[0].after

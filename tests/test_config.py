@@ -30,7 +30,7 @@ def test_unknown_key_names_it_and_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("policy", "greedy", "one of 'affinity_binning', 'gate_mass_budget', 'opportunistic', 'none'"),
+    ("policy", "greedy", "one of 'affinity_binning', 'gate_mass_budget', 'opportunistic', 'protected_mass', 'none'"),
     ("alpha", -1.0, "a number > 0"),
     ("alpha", "wide", "a finite number or None"),
     ("beta", 0, "an integer >= 1 or None"),

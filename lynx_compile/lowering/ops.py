@@ -8,6 +8,12 @@ lynx::batch_select(scores, logits, k, policy, params, decode_token_bound, live?)
     vote (None: all). Inside torch.compile it never reaches Inductor as an opaque call:
     `passes/lower_selection.py` replaces it by its aten body.
 
+lynx::select_experts_cpu(scores, logits, plain_indices, k, policy, params, decode_token_bound, live?)
+    -> (values, indices)
+    batch_select's computation in one C++ call on CPU (kernels/select_experts_cpu.cpp, registered
+    from C++ when it is built): the same results, given the plain top-k's indices (computed by
+    aten.topk beside it, so ties are torch's). What `passes/lower_selection.py` emits on CPU.
+
 lynx::observe_selection(plain_indices, chosen_indices, router_weight, num_experts,
                         decode_token_bound, site, voters?, expert_budget=-1) -> chosen_indices
     Identity on `chosen_indices` that reports both index sets to an active `lynx_compile.record()`;
@@ -54,6 +60,8 @@ EXPERT_OPERANDS = ("Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate, T
                    "str activation, float alpha=1.702, float limit=7.0")  # ExpertWeights' fields, flat
 _lib.define("batch_select(Tensor scores, Tensor logits, int k, str policy, float[] params, "
             "SymInt decode_token_bound, Tensor? live=None) -> (Tensor, Tensor)")
+_lib.define("select_experts_cpu(Tensor scores, Tensor logits, Tensor plain_indices, int k, str policy, float[] params, "
+            "SymInt decode_token_bound, Tensor? live=None) -> (Tensor, Tensor)")
 _lib.define("observe_selection(Tensor plain_indices, Tensor chosen_indices, Tensor router_weight, int num_experts, "
             "SymInt decode_token_bound, str site, Tensor? voters=None, int expert_budget=-1) -> Tensor")
 _lib.define("switch_select(Tensor scores, Tensor logits, int k, SymInt decode_token_bound, Tensor? live, "
@@ -98,6 +106,14 @@ def _batch_select_fake(scores, logits, k, policy, params, decode_token_bound, li
     decode_params(policy, params)
     num_tokens = scores.shape[0]
     return scores.new_empty((num_tokens, k)), scores.new_empty((num_tokens, k), dtype=torch.int64)
+
+
+def _select_experts_cpu_fake(scores, logits, plain_indices, k, policy, params, decode_token_bound, live=None):
+    _check_select_inputs(scores, logits, k, live)
+    decode_params(policy, params)
+    if tuple(plain_indices.shape) != (scores.shape[0], k):
+        raise ValueError(f"select_experts_cpu: plain_indices must be (T, k), got {tuple(plain_indices.shape)}")
+    return scores.new_empty((scores.shape[0], k)), scores.new_empty((scores.shape[0], k), dtype=torch.int64)
 
 
 # --- observe_selection, switch_select --------------------------------------------------------------
@@ -146,6 +162,7 @@ for _key in ("CPU", "CUDA"):
 _lib.impl("moe_experts", _moe_experts_cpu_impl, "CPU")
 _lib.impl("moe_experts", _moe_experts_cuda_impl, "CUDA")
 torch.library.register_fake("lynx::batch_select", _batch_select_fake, lib=_lib)
+torch.library.register_fake("lynx::select_experts_cpu", _select_experts_cpu_fake, lib=_lib)
 torch.library.register_fake("lynx::observe_selection", _observe_fake, lib=_lib)
 torch.library.register_fake("lynx::switch_select", _switch_select_fake, lib=_lib)
 torch.library.register_fake("lynx::moe_experts", _moe_experts_fake, lib=_lib)
@@ -199,6 +216,7 @@ else:
     TRITON_OP_ERROR = None
 
 batch_select = torch.ops.lynx.batch_select.default
+select_experts_cpu = torch.ops.lynx.select_experts_cpu.default  # its CPU kernel: kernels/select_experts_cpu.py
 observe_selection = torch.ops.lynx.observe_selection.default
 switch_select = torch.ops.lynx.switch_select.default
 moe_experts = torch.ops.lynx.moe_experts.default

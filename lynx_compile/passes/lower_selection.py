@@ -1,6 +1,14 @@
-"""Lower `lynx::batch_select` into the aten ops of its body, so Inductor generates its kernels.
+"""Lower `lynx::batch_select` into what Inductor compiles: one C++ call on CPU, its aten body elsewhere.
 
-Before (after the routing rewrite):
+On CPU (the kernel built: `lowering/kernels/select_experts_cpu.py`), a site becomes the plain
+top-k and one call of `lynx::select_experts_cpu`, whose C++ kernel computes the whole selection:
+
+    topk   = aten.topk(div, 2)                                   # the plain top-k (torch's ties)
+    select = lynx.select_experts_cpu(div, mm, topk[1], 2, "affinity_binning", [0.7, 1.0, 1.43], -1, None)
+    getitem = select[0]; getitem_1 = select[1]                   # (T, k) values, indices
+
+Elsewhere (CUDA; the recording variant, which observes inside the body; a CPU without a C++
+compiler), its aten body, for Inductor to generate kernels from. Before (after the routing rewrite):
 
     batch_select = lynx.batch_select(div, mm, 2, "affinity_binning", [0.7, 1.0, 1.43], -1, None)
     getitem      = batch_select[0]                     # (T, k) values
@@ -17,7 +25,8 @@ After:
 The body (`lowering/selection.py:batch_select`) is traced with make_fx under the graph's fake
 mode (`fx_match.insert_traced`); its arguments are read back with the op's own codec
 (`lowering/ops.py:decode_params`), so no default is restated here. Inductor then fuses the
-elementwise and reduction parts into generated C++ (CPU) or Triton (CUDA) kernels.
+elementwise and reduction parts into generated C++ (CPU) or Triton (CUDA) kernels. The kernel and
+the body give the same indices and values, bit for bit (`tests/lowering/test_selection_properties.py`).
 """
 
 from __future__ import annotations
@@ -29,9 +38,11 @@ from torch.fx import Graph, Node
 
 from .. import policies
 from ..lowering import selection
-from ..lowering.ops import batch_select, decode_params, observe_selection
+from ..lowering.kernels import select_experts_cpu as cpu_kernel
+from ..lowering.ops import batch_select, decode_params, observe_selection, select_experts_cpu
 from ..policies.contract import voting_rows
 from . import fx_match as fm
+from .fx_match import aten
 
 
 def lower_selection(graph: Graph, record: bool = False) -> int:
@@ -42,9 +53,39 @@ def lower_selection(graph: Graph, record: bool = False) -> int:
     count = 0
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is batch_select:
-            _lower_one(graph, node, record)
+            if not record and _kernel_takes(node):
+                _call_kernel(graph, node)
+            else:
+                _lower_one(graph, node, record)
             count += 1
     return count
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_takes(node: Node) -> bool:
+    """Whether the CPU kernel runs this site: CPU tensors of a dtype it reads exactly, and built."""
+    scores, logits = (fm.fake_value(arg) for arg in node.args[:2])
+    policy = _arguments(node)[3]
+    return (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES and logits.dtype in _KERNEL_DTYPES
+            and policy in cpu_kernel.KERNEL_POLICIES and cpu_kernel.use_kernel())
+
+
+def _call_kernel(graph: Graph, node: Node) -> None:
+    scores, logits, k, policy, encoded, bound, live = _arguments(node)
+    scores_value = fm.fake_value(scores)
+    with graph.inserting_before(node):
+        plain = graph.call_function(aten.topk.default, (scores, k))
+        plain.meta["val"] = tuple(scores_value.topk(k))
+        plain_indices = graph.call_function(operator.getitem, (plain, 1))
+        plain_indices.meta["val"] = plain.meta["val"][1]
+        call = graph.call_function(select_experts_cpu, (scores, logits, plain_indices, k, policy, encoded, bound, live))
+        call.meta["val"] = (scores_value.new_empty(plain.meta["val"][0].shape), plain.meta["val"][1].new_empty(
+            plain.meta["val"][1].shape))
+    call.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace", "from_node") if key in node.meta})
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
 
 
 def _lower_one(graph: Graph, node: Node, record: bool) -> None:

@@ -40,6 +40,7 @@ from .. import logs
 from ..compat import CUSTOM_PASS_LISTS
 from ..config import LynxConfig
 from ..lowering.kernels.choice import decision_key
+from ..lowering.kernels.select_experts_cpu import selection_path
 from .find_routing import RoutingSite, find_routing_sites
 from .flat_topk import flatten_routing_topks
 from .frame import FrameFacts
@@ -98,7 +99,7 @@ class LynxPostGradPass(CustomGraphPass):
         # The CPU's features (or LYNX_EXPERTS_AUTO) decide experts="auto" (lowering/kernels/choice.py).
         return hashlib.sha256(
             f"{_source_hash()}|{self.config!r}|record={self.record}|switchable={self.switchable}|{decision_key()}"
-            f"|{self.frame!r}".encode()).hexdigest()
+            f"|{self.frame!r}|selection={selection_path()}".encode()).hexdigest()
 
 
 def describe_site(site: RoutingSite) -> dict[str, object]:

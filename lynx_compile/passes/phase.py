@@ -5,6 +5,10 @@ compute-bound anyway. A decode batch is one where each sequence contributes one 
 blocks flatten (batch, seq, hidden) into (T, hidden) tokens before the router, so we find that
 3-D tensor and read seq off its shape:
 
+  T == 1 (one token per call)  -> "single": left alone. A lone token's own top-k already uses the
+                                 fewest experts any policy could (k), so selection would only move
+                                 its choices; Dynamo specializes size 1, so a B=1 decode step gets
+                                 a graph of its own, which stays exactly default Inductor's
   seq == 1 provably           -> "decode": always select (no runtime test at all), unless the
                                  graph's attention proves nothing is cached (keys of length 1):
                                  then it is the prefill of one-token prompts -> "prefill"
@@ -32,7 +36,7 @@ from .fx_match import aten
 
 @dataclasses.dataclass
 class PhaseDecision:
-    mode: str  # "decode" | "prefill" | "runtime" | "unknown"
+    mode: str  # "decode" | "prefill" | "runtime" | "unknown" | "single"
     reason: str
     tokens_from: Node | None = None  # the (batch, seq, hidden) tensor, when visible
     token_bound: int | None = None  # runtime bound from max_decode_tokens
@@ -46,6 +50,9 @@ def decide_phase(router_logits: Node, config: LynxConfig) -> PhaseDecision:
     router_input = router_logits.args[1] if router_logits.target is aten.addmm.default else router_logits.args[0]
     num_tokens = fm.shape_of(router_input)[0]
     batched = find_token_flatten(router_input)
+    if isinstance(num_tokens, int) and num_tokens == 1:
+        return PhaseDecision("single", "not rewritten: one token per call (T=1): its own top-k already uses the "
+                                       "fewest experts any policy could", batched)
     if config.phase == "all":
         return PhaseDecision("decode", "rewritten: phase='all' remaps every batch", batched)
 

@@ -117,10 +117,10 @@ def _replace_topk(graph: Graph, topk: Node, new: Node, k: int) -> None:
 
 
 def _decode_bound(site: RoutingSite) -> int | Node:
-    """The token-count bound `batch_select` tests at run time; NO_DECODE_BOUND when proven decode,
-    0 (never decode) when proven prefill or unknown."""
+    """The token-count bound `batch_select` tests at run time; NO_DECODE_BOUND when proven decode
+    (a lone token counts as decode: a B=1 step), 0 (never decode) when proven prefill or unknown."""
     phase = site.phase
-    if phase.mode == "decode":
+    if phase.mode in ("decode", "single"):
         return selection.NO_DECODE_BOUND
     if phase.mode in ("prefill", "unknown"):
         return 0

@@ -6,6 +6,8 @@
                        router mass, grown where the batch needs more      (expert_budget, confidence_gap)
     opportunistic      OEA (arXiv 2511.02237): each token's top keep_top, the rest from
                        experts the batch loads anyway                     (keep_top)
+    protected_mass     each token keeps its top experts up to keep_mass of their routing
+                       probability; its light slots ride on the batch's   (keep_mass)
     none               plain top-k (a site with policy none is not rewritten at all)
 
 Every policy only states its preferences (`base.py`); `contract.py:select_experts` turns them
@@ -27,11 +29,11 @@ from typing import Any
 import torch
 
 from ..errors import LynxOptionsError, check_choice
-from . import affinity_binning, gate_mass_budget, none, opportunistic
+from . import affinity_binning, gate_mass_budget, none, opportunistic, protected_mass
 from .base import PreferenceFn, Tiers
 from .contract import select_experts
 
-_MODULES = {m.NAME: m for m in (affinity_binning, gate_mass_budget, opportunistic, none)}
+_MODULES = {m.NAME: m for m in (affinity_binning, gate_mass_budget, opportunistic, protected_mass, none)}
 POLICIES: tuple[str, ...] = tuple(_MODULES)
 # policy -> the parameters it takes, as they appear in options and plans (and the op's order)
 PARAMETERS: dict[str, tuple[str, ...]] = {name: tuple(m.PARAMETERS) for name, m in _MODULES.items()}

@@ -7,8 +7,9 @@ Keeps (the surviving set, shared by every token):
   1. gap[t, e]    = z[t, e] - max_e' z[t, e']            router-logit gap, <= 0
   2. bin[t, e]    = -min(floor(alpha * |gap|), beta)    0 = within 1/alpha of the top-1
   3. score[e]     = sum_t V ** bin[t, e]                V voters; a bin-0 vote counts 1, each
-     bin down 1/V; rank experts by score, ties by summed per-token rank (router evidence).
-     Computed exactly, as a lexicographic order on integer vote counts per bin.
+     bin down 1/V; rank experts by score, ties by the voters' summed logit gap (router
+     evidence, `base.gap_evidence`), then by index. Computed exactly, as a lexicographic order
+     on integer vote counts per bin and an integer evidence.
   4. the shortest prefix of that ranking such that, for every voter,
        - it holds k of the voter's eligible experts (so no voter needs an expert outside it;
          with group-limited routers this is what makes the set shrink at all),
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import check_int, check_number
-from .base import PreferenceFn, check_confidence_gap, confident_voters, token_ranks
+from .base import PreferenceFn, check_confidence_gap, confident_voters, gap_evidence, logit_gaps
 
 NAME = "affinity_binning"
 PARAMETERS = {"alpha": float, "beta": int, "confidence_gap": float}  # name -> type, in the op's order
@@ -76,19 +77,17 @@ def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int, alpha: float
         # (T, E) bool, (T,) bool, (T, E) int64 -> (E,) bool
         num_experts = scores.shape[1]
         voting = eligible & voters.unsqueeze(1)  # (T, E)
-        z = logits.float().masked_fill(~voting, float("-inf"))  # (T, E); non-voters: all -inf
-        gap = z - z.amax(dim=-1, keepdim=True)  # (T, E) <= 0 where voting
+        gap = logit_gaps(logits, voting)  # (T, E) <= 0 where voting
         bins = -torch.clamp(torch.floor(-alpha * gap), max=beta)
         bins = bins.masked_fill(~voting, -beta)  # (T, E) in [-beta, 0]
 
         # Step 3, exactly: rank experts lexicographically by their count of bin-0 votes, then of
-        # bin -1 votes, ..., then by summed per-token rank (the router's own evidence, lower is
-        # better). This is the order sum_t V ** bin[t, e] gives whenever one bin-0 vote outweighs
-        # all V votes a bin lower, computed on integers: no float sum whose rounding (and so the
-        # order of near-ties) would depend on the reduction order, eager or Inductor, CPU or GPU.
+        # bin -1 votes, ..., then by the voters' summed logit gap (the router's own evidence),
+        # then by index. This is the order sum_t V ** bin[t, e] gives whenever one bin-0 vote
+        # outweighs all V votes a bin lower, computed on integers: no float sum whose rounding
+        # (and so the order of near-ties) would depend on the reduction order.
         level = (-bins).to(torch.int64)  # (T, E) in [0, beta]
-        token_rank = token_ranks(token_order)  # (T, E)
-        ranking = torch.sort(torch.where(voting, token_rank, 0).sum(dim=0), stable=True).indices  # (E,)
+        ranking = torch.sort(gap_evidence(gap, voting), descending=True, stable=True).indices  # (E,)
         for bin_level in reversed(range(beta + 1)):  # least significant key first; stable sorts
             votes = (voting & (level == bin_level)).sum(dim=0)  # (E,) int64
             ranking = ranking[torch.sort(votes[ranking], descending=True, stable=True).indices]

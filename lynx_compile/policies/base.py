@@ -45,13 +45,6 @@ def check_confidence_gap(value: Any) -> None:
     check_number("confidence_gap", value, positive=False, allow_none=True)
 
 
-def token_ranks(token_order: torch.Tensor) -> torch.Tensor:
-    """(T, E) int64: expert e's position in token t's own order (0 = its top-1)."""
-    num_experts = token_order.shape[1]
-    positions = torch.arange(num_experts, device=token_order.device).expand_as(token_order)
-    return torch.empty_like(token_order).scatter_(1, token_order, positions)
-
-
 def confident_voters(logits: torch.Tensor, eligible: torch.Tensor, voters: torch.Tensor,
                      confidence_gap: float) -> torch.Tensor:
     """(T,) bool: voters whose second-best eligible logit trails their best by more than the gap."""
@@ -61,14 +54,33 @@ def confident_voters(logits: torch.Tensor, eligible: torch.Tensor, voters: torch
     return voters & ((top2[:, 0] - top2[:, 1]) > confidence_gap)
 
 
-def rank_experts(primary: torch.Tensor, token_order: torch.Tensor, voting: torch.Tensor) -> torch.Tensor:
-    """(E,) int64 each expert's rank: by `primary` (E,) int64, larger first; ties by the voters'
-    summed per-token rank (the router's own evidence, lower first); then by expert index.
+GAP_UNITS = 2.0 ** 16  # units of logit gap per logit: exact in fp32 (a power of two)
+GAP_FLOOR = -1e6  # gaps below this count as this: keeps every unit count a modest integer
+
+
+def logit_gaps(logits: torch.Tensor, voting: torch.Tensor) -> torch.Tensor:
+    """(T, E) fp32: each voting expert's logit minus its token's best voting logit (<= 0); other
+    entries are not finite (-inf, or NaN on rows with no voting expert). logits: (T, E);
+    voting: (T, E) bool, the voters' eligible experts."""
+    z = logits.float().masked_fill(~voting, float("-inf"))  # (T, E)
+    return z - z.amax(dim=-1, keepdim=True)
+
+
+def gap_evidence(gaps: torch.Tensor, voting: torch.Tensor) -> torch.Tensor:
+    """(E,) int64: the voters' summed logit gaps per expert, in units of 2**-16 logits, floored
+    per entry (larger: closer to the voters' own best). Integers summed exactly: the same in
+    eager, Inductor's C++ and Triton, and the C++ selection kernel, whatever the order."""
+    units = torch.floor(gaps.clamp(min=GAP_FLOOR) * GAP_UNITS)  # (T, E) fp32, exact integers
+    return torch.where(voting, units, 0.0).to(torch.int64).sum(dim=0)  # (E,)
+
+
+def rank_experts(primary: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    """(E,) int64 each expert's rank: by `primary` (E,) int64, larger first; ties by `evidence`
+    (E,) int64 (`gap_evidence`: the router's own preference), larger first; then by expert index.
 
     Integer keys and stable sorts only: the same order in eager, Inductor C++ and Triton."""
-    num_experts = token_order.shape[1]
-    summed_rank = torch.where(voting, token_ranks(token_order), 0).sum(dim=0)  # (E,)
-    ranking = torch.sort(summed_rank, stable=True).indices  # (E,)
+    num_experts = primary.shape[0]
+    ranking = torch.sort(evidence, descending=True, stable=True).indices  # (E,)
     ranking = ranking[torch.sort(primary[ranking], descending=True, stable=True).indices]
-    positions = torch.arange(num_experts, device=token_order.device)
+    positions = torch.arange(num_experts, device=primary.device)
     return torch.empty_like(ranking).scatter_(0, ranking, positions)  # (E,)

@@ -15,8 +15,8 @@ Keeps (the surviving set, shared by every token):
   2. mass[e]   = sum over voters of p[t, e], summed in float64 and rounded to a grid of 2**-24
      (integer units): a float sum's rounding, which differs between eager and Inductor's
      reduction orders, is ~1e-15 and cannot reorder two experts unless their masses straddle a
-     grid point that closely; ties of the rounded mass go to the voters' summed per-token rank,
-     then the expert index (integers, stable sorts);
+     grid point that closely; ties of the rounded mass go to the voters' summed logit gap
+     (`base.gap_evidence`, integers), then the expert index (stable sorts);
   3. the objective is modular (a set's mass is the sum of its experts' masses), so the greedy
      choice is exact: the `expert_budget` experts of largest mass;
   4. grown where the budget is below what the batch needs, never silently:
@@ -44,7 +44,7 @@ import torch
 
 from ..errors import fail
 from .affinity_binning import default_alpha_beta
-from .base import PreferenceFn, check_confidence_gap, confident_voters, rank_experts
+from .base import PreferenceFn, check_confidence_gap, confident_voters, gap_evidence, logit_gaps, rank_experts
 
 NAME = "gate_mass_budget"
 PARAMETERS = {"expert_budget": int, "confidence_gap": float}  # name -> type (resolved), in the op's order
@@ -104,7 +104,8 @@ def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int, expert_budge
         # (T, E) bool, (T,) bool, (T, E) int64 -> (E,) bool
         num_tokens, num_experts = scores.shape
         voting = eligible & voters.unsqueeze(1)  # (T, E)
-        rank_of = rank_experts(batch_gate_mass(logits, voting), token_order, voting)  # (E,)
+        evidence = gap_evidence(logit_gaps(logits, voting), voting)  # (E,) ties: the voters' summed gaps
+        rank_of = rank_experts(batch_gate_mass(logits, voting), evidence)  # (E,)
         kept = rank_of < expert_budget  # (E,) steps 1-3
 
         # Step 4: confident voters' top-1s, then each voter's own best experts up to k eligible.

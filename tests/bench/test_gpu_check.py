@@ -34,7 +34,7 @@ def test_every_step_runs_and_is_recorded(dry_run):
     doc, markdown = dry_run
     assert doc["dry_run"] is True
     assert {name: step["status"] for name, step in doc["steps"].items()} == {
-        "correctness": "ok", "cudagraphs": "ok", "latency": "ok"}
+        "correctness": "ok", "cudagraphs": "ok", "latency": "ok", "selection": "ok"}
     assert "torch" in doc["machine"] and "lynx_machine" in doc["machine"]
     assert markdown.startswith("# lynx GPU check (DRY RUN on CPU: no GPU figures)")
     for section in ("## a. correctness", "## b. CUDA graphs", "## c. decode step latency"):
@@ -88,3 +88,9 @@ def test_autotuning_is_bounded_to_decode_tiles_and_restored():
     finally:
         restore()
     assert mm_grouped.grouped_mm_configs is original
+
+
+def test_selection_rows_time_a_site_both_ways(dry_run):
+    records = dry_run[0]["steps"]["selection"]["records"]
+    assert {(r["E"], r["T"]) for r in records} == {(e, t) for e in (8, 128) for t in (4, 16, 64)}
+    assert all(r["status"] == "ok" and r["plain_ms"] > 0 and r["ratio"] > 0 for r in records)

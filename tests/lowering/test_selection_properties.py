@@ -49,11 +49,12 @@ class Batch:
     policy: str = "affinity_binning"
     expert_budget: int = 0
     keep_top: int = 0
+    keep_mass: float = 0.8
 
     @property
     def params(self) -> dict:
         given = {"alpha": self.alpha, "beta": self.beta, "confidence_gap": self.confidence_gap,
-                 "expert_budget": self.expert_budget, "keep_top": self.keep_top}
+                 "expert_budget": self.expert_budget, "keep_top": self.keep_top, "keep_mass": self.keep_mass}
         return {name: given[name] for name in policies.PARAMETERS[self.policy]}
 
     def select(self, rows: torch.Tensor | None = None):
@@ -105,7 +106,9 @@ def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k
     gap = pick.choice([0.0, 1 / alpha, 2.0])
     expert_budget = pick.choice([1, k, pick.randint(1, num_experts), num_experts])
     keep_top = pick.randint(1, k)
-    return Batch(scores.to(dtype), logits.to(dtype), k, alpha, beta, gap, live, policy, expert_budget, keep_top)
+    keep_mass = pick.choice([0.3, 0.5, 0.8, 0.95, 1.0])
+    return Batch(scores.to(dtype), logits.to(dtype), k, alpha, beta, gap, live, policy, expert_budget, keep_top,
+                 keep_mass)
 
 
 def eligible_and_usable(batch: Batch):
@@ -157,7 +160,8 @@ def test_the_selection_contract_holds(batch):
     top2 = torch.topk(z, 2, dim=-1).values
     confident = voters & ((top2[:, 0] - top2[:, 1]) > batch.confidence_gap)
     kept = {"affinity_binning": (confident, 1), "gate_mass_budget": (confident, 1),
-            "opportunistic": (voters, batch.keep_top), "none": (voters, batch.k)}[batch.policy]
+            "opportunistic": (voters, batch.keep_top), "protected_mass": (voters, 1),
+            "none": (voters, batch.k)}[batch.policy]
     rows, count = kept
     chosen_values = values.float().sort(dim=-1, descending=True).values[:, :count]  # (T, count)
     top_values = torch.topk(batch.scores.float(), count, dim=-1).values  # (T, count)
@@ -196,12 +200,14 @@ def test_an_empty_batch_returns_empty_tensors():
     pytest.param("gate_mass_budget", 3, 0, 8, 2, torch.float32,  # float64 mass sums: the one float reduction
                  marks=pytest.mark.slow),
     pytest.param("opportunistic", 0, 2, 16, 4, torch.float32, marks=pytest.mark.slow),
+    pytest.param("protected_mass", 0, 0, 16, 4, torch.float32, marks=pytest.mark.slow),
 ])
 def test_inductor_generated_selection_equals_the_eager_op(policy, expert_budget, keep_top, num_experts, k, dtype):
     """One compiled function per (policy, E, k, dtype), dynamic in T, checked on many generated
     batches (their ties and -inf masks included)."""
 
-    values = {"alpha": 3.0, "beta": 2, "confidence_gap": 1 / 3, "expert_budget": expert_budget, "keep_top": keep_top}
+    values = {"alpha": 3.0, "beta": 2, "confidence_gap": 1 / 3, "expert_budget": expert_budget, "keep_top": keep_top,
+              "keep_mass": 0.8}
     params = {name: values[name] for name in policies.PARAMETERS[policy]}
 
     def select(scores, logits, live):
@@ -220,3 +226,39 @@ def test_inductor_generated_selection_equals_the_eager_op(policy, expert_budget,
         assert torch.equal(got[0].nan_to_num(), expected[0].nan_to_num())
 
     check()
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    from lynx_compile.lowering.kernels import select_experts_cpu
+
+    if not select_experts_cpu.available():
+        pytest.fail(f"the CPU selection kernel did not build: {select_experts_cpu.unavailable_reason()}")
+    from lynx_compile.lowering import ops
+
+    return ops
+
+
+@settings(max_examples=6000 if THOROUGH else 1500, **SETTINGS)
+@given(batch=batches(), bound=st.sampled_from([selection.NO_DECODE_BOUND, 0, 64]))
+def test_the_cpu_kernel_equals_the_reference_bit_for_bit(cpu_kernel, batch, bound):
+    """lynx::select_experts_cpu (one C++ call) against the torch body it replaces on CPU: the same
+    indices and values for every policy, ties, masks, NaN/+inf and dead rows included."""
+    plain = torch.topk(batch.scores, batch.k, dim=-1).indices
+    params = cpu_kernel.encode_params(batch.policy, batch.params)
+    values, indices = cpu_kernel.select_experts_cpu(batch.scores, batch.logits, plain, batch.k, batch.policy, params,
+                                                    bound, batch.live)
+    expected_values, expected_indices = selection.batch_select(batch.scores, batch.logits, batch.k, batch.policy,
+                                                               batch.params, bound, batch.live)
+    assert torch.equal(indices, expected_indices)
+    assert torch.equal(values.nan_to_num(), expected_values.nan_to_num())
+
+
+@settings(max_examples=1000 if THOROUGH else 300, **SETTINGS)
+@given(batches(max_tokens=1, dead=False))
+def test_a_lone_token_has_nothing_to_select_under_every_policy(batch):
+    """Why a T=1 site is left as plain top-k (passes/phase.py, "single"): whatever a policy does
+    with one token, it reads k experts, exactly as many as the token's own top-k."""
+    _, indices = batch.select()
+    plain = torch.topk(batch.scores, batch.k, dim=-1).indices
+    assert torch.unique(indices).numel() == torch.unique(plain).numel()

@@ -13,7 +13,7 @@ from moe_models import (
     BATCH_SELECT,
     EXPERTS_IMPLS,
     TOPK,
-    TOPKS_IN_SELECTION,
+    topks_in_selection,
     BeamSearchStep,
     GptFastMoE,
     PassOnlyBackend,
@@ -56,7 +56,7 @@ def test_finds_and_rewrites_the_routing_site_of_every_architecture(arch, experts
     assert site.rewritten and site.reason == "rewritten: decode graph (seq len 1)"
     # op counts: the routing top-k is gone, its lowered body brings its own small top-ks, and no
     # opaque op is left.
-    assert backend.total("before", TOPK) - backend.total("after", TOPK) == 1 - TOPKS_IN_SELECTION
+    assert backend.total("before", TOPK) - backend.total("after", TOPK) == 1 - topks_in_selection()
     assert backend.total("after", BATCH_SELECT) == 0
     if arch == "deepseek_v3":  # its group-limited router has two more top-ks that are not routing
         others = [s for s in backend.sites if not s.is_routing]
@@ -83,7 +83,7 @@ def test_gpt_fast_style_gather_einsum_moe():
     [site] = backend.routing_sites
     assert (site.router_form, site.dispatch, site.rewritten) == (
         "softmax(linear)", "gathers stacked expert weights", True)
-    assert backend.after[0][TOPK] == backend.before[0][TOPK] - 1 + TOPKS_IN_SELECTION
+    assert backend.after[0][TOPK] == backend.before[0][TOPK] - 1 + topks_in_selection()
 
 
 @pytest.mark.parametrize("module, inputs, reason", [

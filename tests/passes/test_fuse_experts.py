@@ -240,7 +240,7 @@ def test_a_dtype_no_kernel_takes_leaves_the_dispatch_and_runs(arch, experts_impl
     """fp16 on CPU: the kernel takes bf16/fp32, so the dispatch must stay (it used to fuse and
     then raise ValueError at the first call)."""
     block = moe_block(arch, experts_impl=experts_impl, dtype=torch.float16)
-    hidden = decode_hidden(1, torch.float16)
+    hidden = decode_hidden(4, torch.float16)
     with torch.no_grad():
         expected = block(hidden)[0]
         got = torch.compile(block, backend="lynx", options=options)(hidden)[0]

@@ -7,7 +7,7 @@ from lynx_compile.config import LynxConfig
 from moe_models import (
     BATCH_SELECT,
     TOPK,
-    TOPKS_IN_SELECTION,
+    topks_in_selection,
     FlatTokensMoE,
     PassOnlyBackend,
     RoutingProbe,
@@ -92,7 +92,7 @@ def test_token_bound_with_dynamic_token_count_is_tested_at_run_time():
     assert site.phase.mode == "runtime" and site.phase.token_bound == 16
     assert len(backend.graphs) == 1
     # the plain top-k the selection computes anyway doubles as the prefill result: no extra top-k
-    assert backend.after[0][BATCH_SELECT] == 0 and backend.after[0][TOPK] == TOPKS_IN_SELECTION
+    assert backend.after[0][BATCH_SELECT] == 0 and backend.after[0][TOPK] == topks_in_selection()
 
 
 def test_changing_batch_size_adds_no_recompiles_beyond_dynamos_own():

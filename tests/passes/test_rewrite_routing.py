@@ -1,5 +1,6 @@
 """The routing rewrite, stage by stage (op counts) and end to end (what selection does)."""
 
+import pytest
 import torch
 
 from lynx_compile.config import LynxConfig
@@ -8,8 +9,9 @@ from lynx_compile.passes.lower_selection import lower_selection
 from lynx_compile.passes.rewrite_routing import rewrite_routing_sites
 from moe_models import (
     BATCH_SELECT,
+    SELECT_KERNEL,
     TOPK,
-    TOPKS_IN_SELECTION,
+    topks_in_selection,
     PassOnlyBackend,
     RoutingProbe,
     count_ops,
@@ -28,7 +30,9 @@ def capture_aten_graph(module, *inputs):
     return gm
 
 
-def test_each_stage_changes_exactly_the_ops_it_should():
+@pytest.mark.parametrize("path", ["kernel", "body"])
+def test_each_stage_changes_exactly_the_ops_it_should(path, monkeypatch):
+    monkeypatch.setenv("LYNX_SELECTION", path)
     gm = capture_aten_graph(moe_block("mixtral"), decode_hidden(8))
     before = count_ops(gm.graph)
     assert (before[TOPK], before[BATCH_SELECT]) == (1, 0)
@@ -46,11 +50,14 @@ def test_each_stage_changes_exactly_the_ops_it_should():
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     lowered = count_ops(gm.graph)
-    assert (lowered[TOPK], lowered[BATCH_SELECT]) == (TOPKS_IN_SELECTION, 0)
-    # experts by summed rank, then by vote count per bin (beta + 1 = 2 sorts); tokens' own order;
+    assert (lowered[TOPK], lowered[BATCH_SELECT]) == (topks_in_selection(), 0)
+    if path == "kernel":  # the plain top-k and one C++ call
+        assert lowered[SELECT_KERNEL] == 1 and lowered["aten.sort.stable"] == 0
+        return
+    # experts by gap evidence, then by vote count per bin (beta + 1 = 2 sorts); tokens' own order;
     # the remap's k choices by score
     assert lowered["aten.sort.stable"] == 5
-    assert lowered["aten.floor.default"] == 1  # the binning
+    assert lowered["aten.floor.default"] == 2  # the binning, and the gap evidence in integer units
 
 
 def test_policy_none_changes_nothing():
