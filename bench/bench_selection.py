@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 import transformers
 from torch._inductor.utils import run_and_get_code
 
-from common import RESULTS, machine_line, pyplot, save_results, start, time_call
+from common import RESULTS, calls_in, machine_line, pyplot, save_results, start, time_call
 from lynx_compile.eval.checkpoints import resolve_checkpoint
 
 POLICIES = {"affinity_binning": {}, "gate_mass_budget": {"expert_budget": 0.5}, "opportunistic": {}}
@@ -83,16 +82,6 @@ def per_site(shapes, repeats: int) -> list[dict]:
               "  ".join(f"{p} {row[f'{p}_us']:7.1f} us ({row[f'{p}_ratio']:.2f}x)" for p in POLICIES), flush=True)
         torch._dynamo.reset()
     return rows
-
-
-def calls_in(code: str) -> int:
-    body = code[code.index("def call("):]
-    for end in ("\nrunner = ", "\n\n\n"):
-        if end in body:
-            body = body[:body.index(end)]
-            break
-    pattern = r"^\s+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\("
-    return len(re.findall(pattern, body, flags=re.MULTILINE))
 
 
 def calls_per_site() -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import statistics
 import time
 
@@ -92,3 +93,15 @@ def mixtral_block(hidden=1024, intermediate=2816, experts=8, top_k=2):
     torch.nn.init.normal_(block.experts.down_proj, std=0.02)
     spread_routers(block, hidden)
     return block.to(torch.bfloat16).eval()
+
+
+def calls_in(code: str) -> int:
+    """Kernel launches and library calls in Inductor's generated wrapper's call(): generated
+    kernels, extern kernels and torch ops (how the selection's cost per site is counted)."""
+    body = code[code.index("def call("):]
+    for end in ("\nrunner = ", "\n\n\n"):
+        if end in body:
+            body = body[:body.index(end)]
+            break
+    pattern = r"^\s+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\("
+    return len(re.findall(pattern, body, flags=re.MULTILINE))

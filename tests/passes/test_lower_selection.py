@@ -5,7 +5,9 @@ kernel  (CPU default) the plain top-k + one call of lynx::select_experts_cpu (C+
 body    (LYNX_SELECTION=body; CUDA) the traced torch body, fused into generated kernels
 """
 
+import pathlib
 import re
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ from torch._inductor.utils import run_and_get_code
 
 from lynx_compile.lowering import selection
 from moe_models import RoutingProbe, skewed_mixtral_block
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
+from common import calls_in  # noqa: E402  (how bench_selection.py counts calls per site)
 
 POLICIES = {  # one per family: binned votes, a budget of gate mass, per-token tiers
     "affinity_binning": {},
@@ -28,18 +33,6 @@ def compiled_code(options: dict) -> tuple[tuple, str]:
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         outputs, [code] = run_and_get_code(torch.compile(probe, backend="lynx", options=options), hidden)
     return outputs, code
-
-
-def calls_in(code: str) -> int:
-    """Kernel launches and library calls in the generated wrapper's call(): generated kernels,
-    extern kernels and torch ops (what the issue counts per site)."""
-    body = code[code.index("def call("):]
-    for end in ("\nrunner = ", "\n\n\n"):
-        if end in body:
-            body = body[:body.index(end)]
-            break
-    pattern = r"^\s+(?:\w+ = )?(?:buf\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\("
-    return len(re.findall(pattern, body, flags=re.MULTILINE))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
