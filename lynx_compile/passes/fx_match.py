@@ -116,4 +116,16 @@ def insert_traced(graph: Graph, body: Callable, inputs: list[Node]):
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         traced = fwd_only(body, example_values)
     placeholders = [node for node in traced.graph.nodes if node.op == "placeholder"]
-    return graph.graph_copy(traced.graph, dict(zip(placeholders, inputs)))
+    env = dict(zip(placeholders, inputs))
+    outputs = graph.graph_copy(traced.graph, env)
+    # Tensors the body made from Python values (make_fx keeps them as attributes): the graph's
+    # module must hold them too, under names of its own.
+    for node in traced.graph.nodes:
+        if node.op == "get_attr":
+            owner = graph.owning_module
+            name = f"_lynx_constant_{len([n for n in graph.nodes if n.op == 'get_attr'])}"
+            while hasattr(owner, name):
+                name += "_"
+            setattr(owner, name, getattr(traced, node.target))
+            env[node].target = name
+    return outputs

@@ -79,10 +79,10 @@ def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int, keep_mass: f
         mass = token_probability_units(logits, voting).gather(1, own)  # (T, k) int64
         before = mass.cumsum(dim=1) - mass  # (T, k) the probability of the slots ahead
         need = torch.ceil(mass.sum(dim=1, keepdim=True).to(torch.float64) * keep_mass)  # (T, 1) units
-        protected = before.to(torch.float64) < need  # (T, k): keep slots until keep_mass is reached
-        protected[:, 0] = True  # the top-1 always (also when a row holds no probability)
+        top1 = torch.arange(k, device=scores.device) == 0  # (k,): the top-1 always (also with no probability)
+        protected = (before.to(torch.float64) < need) | top1  # (T, k): keep slots until keep_mass is reached
         if keep_mass >= 1.0:  # every slot, also those whose probability rounds to 0 units
-            protected[:] = True
+            protected = torch.ones_like(protected)
         kept = torch.zeros_like(eligible).scatter_(1, own, protected) & eligible  # (T, E) by expert
         loaded = (kept & voters.unsqueeze(1)).any(dim=0)  # (E,)
         return [kept, loaded]
