@@ -60,6 +60,23 @@
 #ifndef LYNX_PACK_MIN_ROWS
 #define LYNX_PACK_MIN_ROWS 6  // fewer tokens reuse a tile too little to pay for widening it (measured)
 #endif
+// LYNX_BF16DOT: bf16 x bf16 dot products with AVX512_BF16's vdpbf16ps (two products per fp32 lane
+// and instruction, no widening) for bf16 weights stored along K. Default: where the build targets
+// AVX512_BF16 (Inductor's flags on such a CPU, AMX included). Forced on a CPU without it, the same
+// code runs on an exact software form of the instruction, so the path is tested on any machine.
+#ifndef LYNX_BF16DOT
+#if defined(__AVX512BF16__) && !LYNX_GENERIC
+#define LYNX_BF16DOT 1
+#else
+#define LYNX_BF16DOT 0
+#endif
+#endif
+#if LYNX_BF16DOT && defined(__AVX512BF16__) && !LYNX_GENERIC
+#define LYNX_BF16DOT_NATIVE 1
+#else
+#define LYNX_BF16DOT_NATIVE 0
+#endif
+
 #ifndef LYNX_LANES
 #ifdef __AVX512F__
 #define LYNX_LANES 16
@@ -198,6 +215,87 @@ inline void dot_all(const W* w, int64_t sn, int64_t count, const float* x, int64
   for (; n + R <= count; n += R)
     dot_rows<W, R, M>(w + n * sn, sn, x, x_stride, rows, K, out + n, out_stride, accumulate);
   for (; n < count; ++n) dot_rows<W, 1, M>(w + n * sn, sn, x, x_stride, rows, K, out + n, out_stride, accumulate);
+}
+
+// --- bf16 x bf16 dot products (LYNX_BF16DOT) -----------------------------------------------------
+
+constexpr int kPairs = 16;  // fp32 lanes of one vdpbf16ps: 32 bf16 = 16 pairs along K
+
+struct PairAcc {  // 16 fp32 accumulators, each summing products of pairs of K
+#if LYNX_BF16DOT_NATIVE
+  __m512 v = _mm512_setzero_ps();
+#else
+  float v[kPairs] = {};
+#endif
+};
+
+// acc[i] += a[2i + 1] * b[2i + 1] + a[2i] * b[2i] over 32 bf16 of a and b: vdpbf16ps, or its exact
+// software form (bf16 x bf16 products are exact in fp32; the odd pair is added first, as the
+// instruction does; denormals are not flushed here).
+inline void dot_pairs(PairAcc& acc, const uint16_t* a, const uint16_t* b) {
+#if LYNX_BF16DOT_NATIVE
+  acc.v = _mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b));
+#else
+  for (int i = 0; i < kPairs; ++i) {
+    acc.v[i] = acc.v[i] + bf16_to_float(a[2 * i + 1]) * bf16_to_float(b[2 * i + 1]);
+    acc.v[i] = acc.v[i] + bf16_to_float(a[2 * i]) * bf16_to_float(b[2 * i]);
+  }
+#endif
+}
+
+inline float hsum(const PairAcc& acc) {
+#if LYNX_BF16DOT_NATIVE
+  return _mm512_reduce_add_ps(acc.v);
+#else
+  float s = 0.f;
+  for (int i = 0; i < kPairs; ++i) s += acc.v[i];
+  return s;
+#endif
+}
+
+// out[m * out_stride + r] = sum_k x[m][k] * w[r][k] for r < R, m < M; w and x bf16 along K.
+template <int R, int M>
+inline void dot_block_bf16(const uint16_t* w, int64_t sn, const uint16_t* x, int64_t x_stride, int64_t K,
+                           float* out, int64_t out_stride) {
+  PairAcc acc[R][M];
+  int64_t k = 0;
+  for (; k + 2 * kPairs <= K; k += 2 * kPairs)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) dot_pairs(acc[r][m], w + r * sn + k, x + m * x_stride + k);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(acc[r][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_float(w[r * sn + kk]) * bf16_to_float(x[m * x_stride + kk]);
+      out[m * out_stride + r] = s;
+    }
+}
+
+template <int R, int M>
+inline void dot_all_bf16(const uint16_t* w, int64_t sn, int64_t count, const uint16_t* x, int64_t x_stride,
+                         int64_t rows, int64_t K, float* out, int64_t out_stride) {
+  for (int64_t n = 0; n < count; n += R) {
+    const bool full = n + R <= count;
+    for (int64_t m = 0; m < rows; m += M) {
+      const bool tokens = m + M <= rows;
+      if (full && tokens) {
+        dot_block_bf16<R, M>(w + n * sn, sn, x + m * x_stride, x_stride, K, out + m * out_stride + n, out_stride);
+      } else {  // ragged edges: one weight row and one token at a time
+        for (int64_t r = n; r < (full ? n + R : count); ++r)
+          for (int64_t mm = m; mm < (tokens ? m + M : rows); ++mm)
+            dot_block_bf16<1, 1>(w + r * sn, sn, x + mm * x_stride, x_stride, K, out + mm * out_stride + r, out_stride);
+      }
+    }
+  }
+}
+
+// out (rows, n1 - n0) = x (rows, K) @ W[e][n0:n1, :]^T for bf16 W stored along K and bf16 x.
+void matmul_bf16_pairs(const Weight& weight, int64_t e, int64_t n0, int64_t n1, const uint16_t* x, int64_t x_stride,
+                       int64_t rows, int64_t K, float* out, int64_t out_stride) {
+  const uint16_t* w = static_cast<const uint16_t*>(weight.base) + e * weight.se + n0 * weight.sn;
+  const int64_t count = n1 - n0;
+  if (rows == 1) return dot_all_bf16<12, 1>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride);
+  if (rows == 2) return dot_all_bf16<6, 2>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride);
+  dot_all_bf16<4, 3>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride);
 }
 
 constexpr int64_t kPackRows = 4, kPackK = 1024;  // a 16 KB fp32 tile: fits L1 beside 3 token rows
@@ -343,6 +441,14 @@ extern "C" int lynx_moe_experts(
   float* const act = act_buffer.get();
   float* const ys = ys_buffer.get();
   const Weight gate{w_gate, g_se, g_sn, g_sk}, up{w_up, u_se, u_sn, u_sk}, down{w_down, d_se, d_sn, d_sk};
+  // bf16 pair dot products: bf16 weights along K and a bf16 model; its rows kept as bf16 bits too
+  // (exact: the hidden state and the rounded activations are bf16 values).
+  const bool pairs = LYNX_BF16DOT && weight_dtype == kBFloat16 && hidden_dtype == kBFloat16;
+  const bool gate_up_pairs = pairs && g_sk == 1 && u_sk == 1, down_pairs = pairs && d_sk == 1;
+  std::unique_ptr<uint16_t[]> xs16_buffer(gate_up_pairs ? new uint16_t[P * H] : nullptr);
+  std::unique_ptr<uint16_t[]> act16_buffer(down_pairs ? new uint16_t[P * I] : nullptr);
+  uint16_t* const xs16 = xs16_buffer.get();
+  uint16_t* const act16 = act16_buffer.get();
   const std::vector<Task> gate_up_tasks = make_tasks(counts, I, task_rows(I, active, threads));
   const std::vector<Task> down_tasks = make_tasks(counts, H, task_rows(H, active, threads));
 
@@ -356,6 +462,7 @@ extern "C" int lynx_moe_experts(
       for (int64_t h = 0; h < H; ++h)
         row[h] = hidden_dtype == kBFloat16 ? load1(static_cast<const uint16_t*>(hidden) + t * H + h)
                                            : static_cast<const float*>(hidden)[t * H + h];
+      if (xs16) std::memcpy(xs16 + pos[p] * H, static_cast<const uint16_t*>(hidden) + t * H, H * sizeof(uint16_t));
     }
 
     // 2. gate/up + activation, one (expert, I-block) per task.
@@ -367,8 +474,14 @@ extern "C" int lynx_moe_experts(
       const float* x = xs + start[task.expert] * H;
       g.assign(rows * width, 0.f);
       u.assign(rows * width, 0.f);
-      matmul(weight_dtype, gate, task.expert, task.n0, task.n1, x, H, rows, H, g.data(), width, pack.get());
-      matmul(weight_dtype, up, task.expert, task.n0, task.n1, x, H, rows, H, u.data(), width, pack.get());
+      if (gate_up_pairs) {
+        const uint16_t* x16 = xs16 + start[task.expert] * H;
+        matmul_bf16_pairs(gate, task.expert, task.n0, task.n1, x16, H, rows, H, g.data(), width);
+        matmul_bf16_pairs(up, task.expert, task.n0, task.n1, x16, H, rows, H, u.data(), width);
+      } else {
+        matmul(weight_dtype, gate, task.expert, task.n0, task.n1, x, H, rows, H, g.data(), width, pack.get());
+        matmul(weight_dtype, up, task.expert, task.n0, task.n1, x, H, rows, H, u.data(), width, pack.get());
+      }
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t n = 0; n < width; ++n) {
           float gv = g[m * width + n], uv = u[m * width + n];
@@ -377,7 +490,9 @@ extern "C" int lynx_moe_experts(
           // Round where a bf16 model rounds (projection outputs, activation output).
           gv = round_to(gv, hidden_dtype);
           uv = round_to(uv, hidden_dtype);
-          act[(start[task.expert] + m) * I + task.n0 + n] = round_to(activate(gv, uv, activation, alpha, limit), hidden_dtype);
+          const float a = round_to(activate(gv, uv, activation, alpha, limit), hidden_dtype);
+          act[(start[task.expert] + m) * I + task.n0 + n] = a;
+          if (act16) act16[(start[task.expert] + m) * I + task.n0 + n] = float_to_bf16(a);
         }
     }
 
@@ -388,8 +503,12 @@ extern "C" int lynx_moe_experts(
       const Task& task = down_tasks[i];
       const int64_t rows = counts[task.expert], width = task.n1 - task.n0;
       y.assign(rows * width, 0.f);
-      matmul(weight_dtype, down, task.expert, task.n0, task.n1, act + start[task.expert] * I, I, rows, I,
-             y.data(), width, pack.get());
+      if (down_pairs)
+        matmul_bf16_pairs(down, task.expert, task.n0, task.n1, act16 + start[task.expert] * I, I, rows, I, y.data(),
+                          width);
+      else
+        matmul(weight_dtype, down, task.expert, task.n0, task.n1, act + start[task.expert] * I, I, rows, I,
+               y.data(), width, pack.get());
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t n = 0; n < width; ++n) {
           float v = y[m * width + n];

@@ -7,7 +7,11 @@ Calls go through ctypes with raw pointers; this module checks every shape, dtype
 first, so the C++ side trusts them.
 
 Kernel paths (`LYNX_CPU_KERNEL`, read at each call; default "auto"):
-  auto      the widest vectors the build flags allow: 16 fp32 lanes on AVX-512, else 8 (AVX2)
+  auto      the widest vectors the build flags allow: 16 fp32 lanes on AVX-512, else 8 (AVX2);
+            on an AVX512_BF16 CPU (AMX included) bf16 models take the bf16dot path
+  bf16dot   bf16 x bf16 dot products along K (vdpbf16ps: two products per fp32 lane and
+            instruction, nothing widened) for bf16 weights stored along K; on a CPU without
+            AVX512_BF16, the instruction's exact software form (slow: for testing the path)
   lanes16   16-lane vectors (on a CPU without AVX-512 the compiler splits them: correct, slower)
   lanes8    8-lane vectors with AVX2 intrinsics where available (the AVX2 path on any x86 CPU)
   generic   8-lane vectors, no intrinsics (what any other ISA compiles)
@@ -46,9 +50,10 @@ _ARGTYPES = (
 
 KERNEL_PATHS = {  # path -> defines prepended to the source (see moe_experts_cpu.cpp)
     "auto": "",
-    "lanes16": "#define LYNX_LANES 16\n",
-    "lanes8": "#define LYNX_LANES 8\n",
-    "generic": "#define LYNX_LANES 8\n#define LYNX_GENERIC 1\n",
+    "bf16dot": "#define LYNX_BF16DOT 1\n",
+    "lanes16": "#define LYNX_LANES 16\n#define LYNX_BF16DOT 0\n",
+    "lanes8": "#define LYNX_LANES 8\n#define LYNX_BF16DOT 0\n",
+    "generic": "#define LYNX_LANES 8\n#define LYNX_GENERIC 1\n#define LYNX_BF16DOT 0\n",
 }
 
 
@@ -66,6 +71,10 @@ def describe_path(path: str | None = None) -> str:
     isa = torch.backends.cpu.get_cpu_capability()
     lanes = {"lanes16": 16, "lanes8": 8, "generic": 8}.get(path, 16 if isa.startswith("AVX512") else 8)
     style = "no intrinsics" if path == "generic" else "FMA"
+    bf16_native = torch.cpu._is_avx512_bf16_supported()
+    if path == "bf16dot" or (path == "auto" and bf16_native):
+        pairs = "vdpbf16ps" if bf16_native else "vdpbf16ps emulated (no AVX512_BF16 here)"
+        return f"{path}: {isa}, bf16 models: {pairs}; fp32: {lanes} fp32 lanes, FMA"
     return f"{path}: {isa}, {lanes} fp32 lanes, {style}"
 
 
