@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all lint docs demo bench eval calibrate train clean
+.PHONY: setup test test-all lint docs demo bench eval frontier calibrate train clean
 
 setup: $(STAMP)
 
@@ -43,10 +43,27 @@ bench: $(STAMP)
 eval: $(STAMP)
 	$(VENV)/bin/lynx-compile eval
 
-# Per-layer plans for both shipped checkpoints under a KL budget (docs/calibration.md).
+# Every policy setting side by side on both shipped checkpoints, B = 16/32/64 (docs/policies.md,
+# "The default"): bench/results/frontier/frontier_<checkpoint>.{json,md,png}; ~10 min per checkpoint.
+FRONTIER_COMMON := none moved_mass moved_mass:max_moved=0.01 moved_mass:max_moved=0.02 moved_mass:max_moved=0.03 \
+  moved_mass:max_moved=0.04 moved_mass:max_moved=0.05 moved_mass:max_moved=0.07 moved_mass:max_moved=0.08 \
+  moved_mass:max_moved=0.12 affinity_binning protected_mass:keep_mass=0.5 protected_mass:keep_mass=0.6 \
+  protected_mass:keep_mass=0.7 protected_mass:keep_mass=0.8 protected_mass:keep_mass=0.9 opportunistic:keep_top=1
+frontier: $(STAMP)
+	$(PY) bench/policy_frontier.py --checkpoint coarse --settings $(FRONTIER_COMMON) affinity_binning:alpha=1.4 \
+	  gate_mass_budget:expert_budget=4 gate_mass_budget:expert_budget=5 gate_mass_budget:expert_budget=6
+	$(PY) bench/policy_frontier.py --checkpoint fine --settings $(FRONTIER_COMMON) opportunistic:keep_top=2 \
+	  opportunistic:keep_top=3 gate_mass_budget:expert_budget=12 gate_mass_budget:expert_budget=16 \
+	  gate_mass_budget:expert_budget=20 gate_mass_budget:expert_budget=24
+
+# Per-layer plans for both shipped checkpoints under two budgets (docs/calibration.md).
 calibrate: $(STAMP)
-	$(VENV)/bin/lynx-compile calibrate --checkpoint coarse --budget kl=0.01 --out bench/results/plans/plan_coarse_kl0.01.json
-	$(VENV)/bin/lynx-compile calibrate --checkpoint fine --budget kl=0.01 --out bench/results/plans/plan_fine_kl0.01.json
+	for name in coarse fine; do \
+	  $(VENV)/bin/lynx-compile calibrate --checkpoint $$name --budget kl=0.01 \
+	    --out bench/results/plans/plan_$${name}_kl0.01.json || exit 1; \
+	  $(VENV)/bin/lynx-compile calibrate --checkpoint $$name --budget kl=0.01,top1_agreement=0.95 \
+	    --out bench/results/plans/plan_$${name}_kl0.01_top0.95.json || exit 1; \
+	done
 
 # One more training leg for both checkpoints at once, one thread each (docs/checkpoints.md):
 # continues the saved run in build/training/NAME, or starts one from the shipped weights. Exports to

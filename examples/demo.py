@@ -9,7 +9,7 @@ project's offline corpora) three times, compiled as
 * default Inductor: ``model.compile()``;
 * lynx, policy none: ``model.compile(backend="lynx", options={"policy": "none"})``, the fused expert
   op with no selection (same answers as Inductor, bit for bit);
-* lynx: ``model.compile(backend="lynx")``, AffinityBinning selection + the fused expert op,
+* lynx: ``model.compile(backend="lynx")``, the default selection (moved_mass) + the fused expert op,
 
 lets transformers' ``generate()`` answer the problems ``--batch`` at a time, and prints per variant
 the median decode-step time, how much of lynx's speedup the fused op and selection each bring,
@@ -31,7 +31,7 @@ from lynx_compile.eval.checkpoints import resolve_checkpoint
 
 VARIANTS = (harness.Variant("default Inductor", "inductor"),
             harness.Variant("lynx policy none", "lynx", {"policy": "none"}),
-            harness.Variant("lynx", "lynx", {"policy": "affinity_binning"}))
+            harness.Variant("lynx", "lynx", None))  # the default options
 
 
 class Run(NamedTuple):

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import LynxOptionsError, check_choice, check_int
 from .plan import load_plan
-from .policies import ALL_PARAMETERS, PARAMETERS, POLICIES, SiteSetting, check_parameters, resolve_parameters
+from .policies import ALL_PARAMETERS, DEFAULT_POLICY, PARAMETERS, POLICIES, SiteSetting, check_parameters, resolve_parameters
 
 PHASES = ("decode", "all")
 EXPERTS_MODES = ("auto", "fused", "inductor", "keep")
@@ -25,8 +25,10 @@ class LynxConfig:
 
     Attributes:
         policy: the selection policy of every routing site (`lynx_compile/policies/`):
-            "affinity_binning" (Lynx v3), "gate_mass_budget" (XShare), "opportunistic" (OEA), or
-            "none", which leaves routing untouched (outputs bit-identical to default Inductor).
+            "moved_mass" (the default: a budget on the routing weight that moves),
+            "affinity_binning" (Lynx v3), "gate_mass_budget" (XShare), "opportunistic" (OEA),
+            "protected_mass", or "none", which leaves routing untouched (outputs bit-identical
+            to default Inductor).
             A policy's parameters may only be given with that policy (an error otherwise).
         alpha: (affinity_binning) bin sharpness; a bin spans 1/alpha logit units of router
             affinity gap. None: chosen from the layer's sparsity k/E
@@ -45,6 +47,9 @@ class LynxConfig:
         keep_mass: (protected_mass) the share of its top-k's router probability each token keeps
             on its own experts, in (0, 1]; its lighter slots go to experts the batch loads
             anyway. None: 0.8.
+        max_moved: (moved_mass) the fraction of a decode batch's routing weight, per layer,
+            that may move to other experts, in [0, 1); the experts whose weight matters least
+            (summed squared weight) are dropped first. None: 0.06.
         phase: "decode" remaps only decode batches (each sequence contributes one token);
             "all" remaps every batch, prefill included (for studies; hurts accuracy).
         max_decode_tokens: for sites whose (batch, seq, hidden) flatten is not visible in the
@@ -66,7 +71,7 @@ class LynxConfig:
             built (an error names the file and the problem); held as a `plan.Plan`.
     """
 
-    policy: str = "affinity_binning"
+    policy: str = DEFAULT_POLICY
     alpha: float | None = None
     beta: int | None = None
     confidence_gap: float | None = None
@@ -78,6 +83,7 @@ class LynxConfig:
     expert_budget: int | float | None = None
     keep_top: int | None = None
     keep_mass: float | None = None
+    max_moved: float | None = None
     plan: Any = None  # str | os.PathLike | dict | plan.Plan | None; held as a plan.Plan
 
     def __post_init__(self) -> None:

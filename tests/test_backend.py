@@ -59,7 +59,7 @@ def test_user_post_grad_passes_are_kept_and_lynx_appended(as_list):
 
 def test_pass_uuid_is_stable_and_tracks_the_config():
     assert LynxPostGradPass(LynxConfig()).uuid() == LynxPostGradPass(LynxConfig()).uuid()
-    assert LynxPostGradPass(LynxConfig()).uuid() != LynxPostGradPass(LynxConfig(alpha=2.0)).uuid()
+    assert LynxPostGradPass(LynxConfig()).uuid() != LynxPostGradPass(LynxConfig(max_moved=0.1)).uuid()
     assert LynxPostGradPass(LynxConfig()).uuid() != LynxPostGradPass(LynxConfig(), record=True).uuid()
 
 

@@ -9,15 +9,16 @@ from moe_models import moe_block
 
 def test_defaults():
     config = LynxConfig.from_options(None)
-    assert (config.policy, config.phase, config.experts) == ("affinity_binning", "decode", "auto")
+    assert (config.policy, config.phase, config.experts) == ("moved_mass", "decode", "auto")
     assert config.site_setting("gate", 8, 2).selects
 
 
 def test_fields_and_config_object_are_both_accepted_and_merge():
     assert LynxConfig.from_options({"policy": "none"}) == LynxConfig(policy="none")
-    base = LynxConfig(alpha=2.0)
+    base = LynxConfig(policy="affinity_binning", alpha=2.0)
     assert LynxConfig.from_options({"config": base}) == base
-    assert LynxConfig.from_options({"config": base, "beta": 3}) == LynxConfig(alpha=2.0, beta=3)
+    assert LynxConfig.from_options({"config": base, "beta": 3}) == LynxConfig(policy="affinity_binning", alpha=2.0,
+                                                                              beta=3)
 
 
 def test_unknown_key_names_it_and_lists_the_valid_ones():
@@ -30,7 +31,9 @@ def test_unknown_key_names_it_and_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("policy", "greedy", "one of 'affinity_binning', 'gate_mass_budget', 'opportunistic', 'protected_mass', 'none'"),
+    ("policy", "greedy", "one of 'affinity_binning', 'gate_mass_budget', 'opportunistic', 'protected_mass', "
+                         "'moved_mass', 'none'"),
+    ("max_moved", 0.5j, "a number in [0, 1)"),
     ("alpha", -1.0, "a number > 0"),
     ("alpha", "wide", "a finite number or None"),
     ("beta", 0, "an integer >= 1 or None"),
@@ -43,8 +46,9 @@ def test_unknown_key_names_it_and_lists_the_valid_ones():
     ("plan", 3, "expected a path to a plan JSON file, a plan dict, or None"),
 ])
 def test_bad_values_name_the_key_and_what_is_expected(key, value, expected):
+    options = {key: value, **({"policy": "affinity_binning"} if key in ("alpha", "beta") else {})}
     with pytest.raises(LynxOptionsError, match=key) as error:
-        LynxConfig.from_options({key: value})
+        LynxConfig.from_options(options)
     assert expected in str(error.value)
     assert isinstance(error.value, ValueError)
 
@@ -58,7 +62,7 @@ def test_bad_option_surfaces_from_torch_compile_as_value_error():
 def test_default_alpha_beta_follow_sparsity():
     assert default_alpha_beta(8, 2) == (0.7, 1)  # Mixtral: coarse
     assert default_alpha_beta(128, 8) == (3.0, 2)  # Qwen3-30B-A3B: fine-grained
-    assert LynxConfig(beta=4).site_setting("gate", 64, 8).params_dict() == {
+    assert LynxConfig(policy="affinity_binning", beta=4).site_setting("gate", 64, 8).params_dict() == {
         "alpha": 3.0, "beta": 4, "confidence_gap": pytest.approx(1 / 3)}
 
 
@@ -77,13 +81,14 @@ def test_policy_parameters_are_validated_like_every_option(options, expected):
 
 
 @pytest.mark.parametrize("options, parameter, owner", [
-    ({"expert_budget": 4}, "expert_budget", "gate_mass_budget"),  # default policy: affinity_binning
+    ({"expert_budget": 4}, "expert_budget", "gate_mass_budget"),  # the default policy: moved_mass
+    ({"alpha": 1.0}, "alpha", "affinity_binning"),
     ({"policy": "opportunistic", "alpha": 1.0}, "alpha", "affinity_binning"),
     ({"policy": "none", "keep_top": 1}, "keep_top", "opportunistic"),
     ({"policy": "gate_mass_budget", "beta": 2}, "beta", "affinity_binning"),
 ])
 def test_a_parameter_of_another_policy_is_an_error_naming_both(options, parameter, owner):
-    policy = options.get("policy", "affinity_binning")
+    policy = options.get("policy", "moved_mass")
     with pytest.raises(LynxOptionsError) as error:
         LynxConfig.from_options(options)
     message = str(error.value)
@@ -92,8 +97,9 @@ def test_a_parameter_of_another_policy_is_an_error_naming_both(options, paramete
 
 
 def test_site_settings_resolve_defaults_from_the_sites_experts():
-    assert LynxConfig().site_setting("gate", 8, 2).params_dict() == {"alpha": 0.7, "beta": 1,
-                                                                      "confidence_gap": pytest.approx(1 / 0.7)}
+    assert LynxConfig().site_setting("gate", 8, 2).params_dict() == {"max_moved": 0.06}
+    assert LynxConfig(policy="affinity_binning").site_setting("gate", 8, 2).params_dict() == {
+        "alpha": 0.7, "beta": 1, "confidence_gap": pytest.approx(1 / 0.7)}
     budget = LynxConfig(policy="gate_mass_budget", expert_budget=0.3)
     assert budget.site_setting("gate", 10, 2).params_dict()["expert_budget"] == 3  # 0.3 * 10, not 4
     assert budget.site_setting("gate", 32, 4).params_dict()["expert_budget"] == 10  # ceil(9.6)

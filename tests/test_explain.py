@@ -18,7 +18,7 @@ def test_explain_reports_sites_and_graphs():
     assert graph.after.count("lynx.batch_select.default") == 2 and "aten.topk.default" not in graph.after
     assert "lynx.batch_select" not in graph.lowered
     text = str(report)
-    assert text.splitlines()[0] == ("lynx explain (policy=affinity_binning): 1 graph(s), 2 top-k, "
+    assert text.splitlines()[0] == ("lynx explain (policy=moved_mass): 1 graph(s), 2 top-k, "
                                     "2 routing site(s), 2 rewritten")
     assert "model.layers.1.mlp.gate" in text and "rewritten: decode graph (seq len 1)" in text
 

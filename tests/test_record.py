@@ -56,7 +56,7 @@ def test_group_limited_routing_is_reduced_like_any_other():
     refill the union (it stayed 8 of 8 before the fix)."""
     model = tiny_model("deepseek_v3", num_layers=1, router_std=0.05, n_routed_experts=8, num_experts_per_tok=2,
                        n_group=2, topk_group=1)
-    compiled = torch.compile(model, backend="lynx")
+    compiled = torch.compile(model, backend="lynx", options={"policy": "affinity_binning"})
     with torch.no_grad(), lynx_compile.record(model) as rec:
         logits = compiled(**decode_step(model, 32)).logits
     assert torch.isfinite(logits).all() and rec.calls

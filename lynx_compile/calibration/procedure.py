@@ -64,10 +64,13 @@ def switchable_backend(config: LynxConfig) -> Callable[..., Any]:
 
 
 def candidate_settings(num_experts: int, top_k: int) -> list[tuple[str, dict[str, Any]]]:
-    """The default grid per site: AffinityBinning at 0.5x, 1x, 2x its default alpha; the gate
-    mass budget at 1/4, 1/2, 3/4 of E (distinct, below E); opportunistic at keep_top 1 .. k-1."""
+    """The default grid per site: moved_mass at max_moved 0.02, 0.04, 0.06, 0.1; protected_mass
+    at keep_mass 0.6; AffinityBinning at 0.5x, 1x, 2x its default alpha; the
+    gate mass budget at 1/4, 1/2, 3/4 of E (distinct, below E); opportunistic at keep_top 1 .. k-1."""
     alpha, _ = default_alpha_beta(num_experts, top_k)
-    out: list[tuple[str, dict[str, Any]]] = [("affinity_binning", {"alpha": alpha * f}) for f in (0.5, 1.0, 2.0)]
+    out: list[tuple[str, dict[str, Any]]] = [("moved_mass", {"max_moved": m}) for m in (0.02, 0.04, 0.06, 0.1)]
+    out += [("protected_mass", {"keep_mass": 0.6})]
+    out += [("affinity_binning", {"alpha": alpha * f}) for f in (0.5, 1.0, 2.0)]
     budgets = sorted({max(1, math.ceil(num_experts * f)) for f in (0.25, 0.5, 0.75)} - {num_experts})
     out += [("gate_mass_budget", {"expert_budget": b}) for b in budgets]
     out += [("opportunistic", {"keep_top": t}) for t in range(1, top_k)]

@@ -24,6 +24,7 @@ import transformers
 from lynx_compile import machine
 from lynx_compile.eval import harness, report, tasks
 from lynx_compile.eval.checkpoints import DTYPES, SHIPPED, resolve_checkpoint
+from lynx_compile.policies import DEFAULT_POLICY, POLICIES
 
 
 
@@ -33,15 +34,15 @@ def parser() -> argparse.ArgumentParser:
                    help="shipped checkpoint names (coarse, fine) or local HF MoE checkpoint directories")
     p.add_argument("--task", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 32, 64])
-    p.add_argument("--policies", nargs="+", default=["none", "affinity_binning"], metavar="SPEC",
-                   help="lynx variants: POLICY (none, affinity_binning, gate_mass_budget, opportunistic), "
+    p.add_argument("--policies", nargs="+", default=["none", DEFAULT_POLICY], metavar="SPEC",
+                   help=f"lynx variants: POLICY ({', '.join(POLICIES)}), "
                         "POLICY:key=value[,key=value] (e.g. gate_mass_budget:expert_budget=4, "
                         "opportunistic:keep_top=1) or plan:PATH (a calibrated plan)")
     p.add_argument("--problems", nargs="+", default=["500"], metavar="N|TASK=N",
                    help="problems per task (code-token: predicted tokens); N for every task or TASK=N per task "
                         "(e.g. arith=100 code-token=512; a task not named takes 500)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="compute dtype (float32 default: this CPU has no bf16 matrix units)")
+                   help="compute dtype (float32 default: the shipped tables are measured in it)")
     p.add_argument("--eager", action="store_true", help="also run the uncompiled model")
     p.add_argument("--record-batches", type=int, default=2,
                    help="batches per cell re-run under lynx_compile.record to count experts")

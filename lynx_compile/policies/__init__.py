@@ -8,6 +8,8 @@
                        experts the batch loads anyway                     (keep_top)
     protected_mass     each token keeps its top experts up to keep_mass of their routing
                        probability; its light slots ride on the batch's   (keep_mass)
+    moved_mass         drop the experts of least routing weight while the weight that
+                       moves stays within max_moved of the batch's        (max_moved)
     none               plain top-k (a site with policy none is not rewritten at all)
 
 Every policy only states its preferences (`base.py`); `contract.py:select_experts` turns them
@@ -29,12 +31,15 @@ from typing import Any
 import torch
 
 from ..errors import LynxOptionsError, check_choice
-from . import affinity_binning, gate_mass_budget, none, opportunistic, protected_mass
+from . import affinity_binning, gate_mass_budget, moved_mass, none, opportunistic, protected_mass
 from .base import PreferenceFn, Tiers
 from .contract import select_experts
 
-_MODULES = {m.NAME: m for m in (affinity_binning, gate_mass_budget, opportunistic, protected_mass, none)}
+_MODULES = {m.NAME: m for m in (affinity_binning, gate_mass_budget, opportunistic, protected_mass, moved_mass, none)}
 POLICIES: tuple[str, ...] = tuple(_MODULES)
+# What a plain backend="lynx" runs: the best fidelity found at a >= 25% cut on both shipped
+# checkpoints at B = 16..64 (docs/policies.md, "The default"; bench/policy_frontier.py).
+DEFAULT_POLICY = "moved_mass"
 # policy -> the parameters it takes, as they appear in options and plans (and the op's order)
 PARAMETERS: dict[str, tuple[str, ...]] = {name: tuple(m.PARAMETERS) for name, m in _MODULES.items()}
 ALL_PARAMETERS: tuple[str, ...] = tuple(dict.fromkeys(p for params in PARAMETERS.values() for p in params))
@@ -130,5 +135,5 @@ def _short(value: int | float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["ALL_PARAMETERS", "PARAMETERS", "POLICIES", "PreferenceFn", "SiteSetting", "Tiers", "check_parameters",
+__all__ = ["ALL_PARAMETERS", "DEFAULT_POLICY", "PARAMETERS", "POLICIES", "PreferenceFn", "SiteSetting", "Tiers", "check_parameters",
            "parameter_types", "preferences", "reported_budget", "resolve_parameters", "select"]

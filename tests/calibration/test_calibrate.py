@@ -46,9 +46,9 @@ def test_the_plan_file_holds_the_choice_and_its_measurements(calibrated):
     assert json.loads(path.read_text())["sites"] == plan["sites"]
     assert list(plan["sites"]) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     candidates = plan["calibration"]["candidates"]
-    # 1 reference + 7 candidates per site + 1..3 combined checks
-    assert 1 + 2 * 7 + 1 <= plan["calibration"]["forward_passes"] <= 1 + 2 * 7 + 3
-    assert all(len(c) == 7 for c in candidates.values())
+    # 1 reference + 12 candidates per site + 1..3 combined checks
+    assert 1 + 2 * 12 + 1 <= plan["calibration"]["forward_passes"] <= 1 + 2 * 12 + 3
+    assert all(len(c) == 12 for c in candidates.values())
     summed = sum(1 - entry["measured"]["top1_agreement"] for entry in plan["sites"].values())
     assert summed <= 1 - BUDGET["top1_agreement"] + 1e-9  # the per-site costs, summed, fit
     # it saves experts: some site selects, and the check measured fewer experts per step

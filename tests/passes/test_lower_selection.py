@@ -56,7 +56,7 @@ def test_the_traced_body_costs_more_and_the_count_sees_it(monkeypatch):
 def test_inductor_compiled_selection_matches_the_eager_op(path, monkeypatch):
     monkeypatch.setenv("LYNX_SELECTION", path)
     block, hidden = skewed_mixtral_block()
-    (output, indices, weights), code = compiled_code({"experts": "fused"})
+    (output, indices, weights), code = compiled_code({"experts": "fused", "policy": "affinity_binning"})
     with torch.no_grad():
         logits = block.gate.weight.new_tensor(0) + hidden.view(16, -1) @ block.gate.weight.T
         scores = torch.softmax(logits, dim=-1)

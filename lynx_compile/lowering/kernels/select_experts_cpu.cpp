@@ -1,5 +1,5 @@
 // Batch-aware expert selection for one routing site, on CPU, in one call: the contract every
-// policy keeps (policies/contract.py:select_experts) and the four policies' preferences
+// policy keeps (policies/contract.py:select_experts) and the policies' preferences
 // (policies/*.py), with the same results as that torch body, bit for bit, ties included.
 //
 // Letters: T tokens, E experts, k experts per token. Inputs: scores (T, E) (what the model's top-k
@@ -343,6 +343,59 @@ void protected_mass(const Batch& b, double keep_mass, std::vector<uint8_t>& kept
   }
 }
 
+// policies/moved_mass.py: each voter's top-k weights (its router probability renormalized over
+// its top-k, float64, in integer units of 2**-24) summed per expert (load) and squared (harm);
+// the least harmful experts are dropped while their summed load stays within max_moved of the
+// total, k experts at least kept.
+// Returns the surviving set (E,).
+std::vector<uint8_t> moved_mass(const Batch& b, double max_moved) {
+  const int64_t T = b.T, E = b.E, k = b.k;
+  std::vector<int64_t> load(E, 0), harm(E, 0), evidence(E, 0);
+  std::vector<float> gap(E);
+  std::vector<int64_t> candidates;
+  candidates.reserve(E);
+  for (int64_t t = 0; t < T; ++t) {
+    if (!b.voters[t]) continue;
+    logit_gaps(b, t, gap.data());
+    add_gap_evidence(b, t, gap.data(), evidence);
+    candidates.clear();  // the token's top-k, in its order (a voter has >= k eligible experts)
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t e = 0; e < E; ++e) {
+      if (!b.eli(t, e)) continue;
+      candidates.push_back(e);
+      top = std::max(top, static_cast<double>(b.z(t, e)));
+    }
+    std::partial_sort(candidates.begin(), candidates.begin() + k, candidates.end(),
+                      [&](int64_t a, int64_t c) { return before(b, t, a, c); });
+    double total = 0.0;
+    for (int64_t j = 0; j < k; ++j) total += std::exp(static_cast<double>(b.z(t, candidates[j])) - top);
+    for (int64_t j = 0; j < k; ++j) {
+      const double w = std::exp(static_cast<double>(b.z(t, candidates[j])) - top);
+      const int64_t units = static_cast<int64_t>(std::nearbyint(w / (total > 0 ? total : 1.0) * 16777216.0));
+      load[candidates[j]] += units;
+      harm[candidates[j]] += (units * units) >> 24;  // floor(units**2 / 2**24): units >= 0
+    }
+  }
+  const std::vector<int64_t> rank = rank_of(E, [&](int64_t a, int64_t c) {
+    if (harm[a] != harm[c]) return harm[a] > harm[c];
+    if (evidence[a] != evidence[c]) return evidence[a] > evidence[c];
+    return a < c;
+  });
+  std::vector<int64_t> by_rank(E);
+  int64_t sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    by_rank[rank[e]] = load[e];
+    sum += load[e];
+  }
+  const double allowed = std::floor(static_cast<double>(sum) * max_moved);
+  std::vector<int64_t> dropped_from(E + 1, 0);  // the load of every expert from rank r on
+  for (int64_t r = E - 1; r >= 0; --r) dropped_from[r] = dropped_from[r + 1] + by_rank[r];
+  std::vector<uint8_t> survivors(E);
+  for (int64_t e = 0; e < E; ++e)
+    survivors[e] = !(rank[e] >= k && static_cast<double>(dropped_from[rank[e]]) <= allowed);
+  return survivors;
+}
+
 // --- the contract --------------------------------------------------------------------------------
 
 // tier of (t, e): the first level whose mask holds it; `levels` (T, E) masks, most preferred
@@ -450,6 +503,10 @@ std::tuple<at::Tensor, at::Tensor> select_experts_cpu(const at::Tensor& scores, 
       protected_mass(b, params[0], tokens_kept, loaded);
       levels = {&tokens_kept, &loaded};
       per_token0 = true;
+    } else if (name == "moved_mass") {
+      TORCH_CHECK(params.size() == 1, "moved_mass takes max_moved");
+      TORCH_CHECK(params[0] >= 0 && params[0] < 1, "moved_mass: max_moved must be a float in [0, 1)");
+      survivors = moved_mass(b, params[0]);
     } else if (name == "none") {
       survivors.assign(E, 1);
     } else {

@@ -24,7 +24,7 @@ import pathlib
 from .choice import cpu_features
 
 SOURCE = pathlib.Path(__file__).with_name("select_experts_cpu.cpp")
-KERNEL_POLICIES = ("affinity_binning", "gate_mass_budget", "opportunistic", "protected_mass", "none")  # the C++ knows
+KERNEL_POLICIES = ("affinity_binning", "gate_mass_budget", "opportunistic", "protected_mass", "moved_mass", "none")  # the C++ knows
 SELECTION_ENV = "LYNX_SELECTION"
 SELECTION_PATHS = ("auto", "kernel", "body")
 
