@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,bench,eval]'
+	$(PY) -m pip install --quiet -e '.[test,bench,eval,distributed]'
 	touch $(STAMP)
 
 # Two workers (pytest-xdist), one test file each at a time so module fixtures compile once:

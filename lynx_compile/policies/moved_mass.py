@@ -91,7 +91,7 @@ def preferences(scores: torch.Tensor, logits: torch.Tensor, k: int, max_moved: f
         evidence = gap_evidence(logit_gaps(logits, voting), voting)  # (E,) ties: the router's preference
         rank = rank_experts(harm, evidence)  # (E,) 0: the most harmful to drop
         by_rank = torch.empty_like(load).scatter_(0, rank, load)  # (E,) loads, in rank order
-        # The weight moved when every expert from rank r on is dropped (the lightest first).
+        # The weight moved when every expert from rank r on is dropped (the least harmful go first).
         dropped_from = by_rank.flip(0).cumsum(0).flip(0)  # (E,)
         allowed = torch.floor(load.sum().to(torch.float64) * max_moved)  # units; exact: the sum < 2**53
         positions = torch.arange(load.shape[0], device=scores.device)
