@@ -86,7 +86,7 @@ def decode_step(function, inputs):
 
 
 VARIANTS = {"inductor": None, "lynx:none+fused": {"policy": "none", "experts": "fused"},
-            "lynx:binning+fused": {"experts": "fused"}}
+            "lynx:binning+fused": {"policy": "affinity_binning", "experts": "fused"}}
 
 
 def run_model(shape: str, batches, repeats) -> list[dict]:

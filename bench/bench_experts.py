@@ -13,7 +13,7 @@ Per batch size B, every variant runs in this process, one after another:
   lynx:none+fused        policy none, dispatch replaced by lynx.moe_experts (same routing)
   lynx:binning+keep      AffinityBinning, transformers' grouped_mm dispatch kept
   lynx:binning+fused     AffinityBinning + lynx.moe_experts (experts="fused")
-  lynx:binning+auto      AffinityBinning, the default options: experts="auto" decides the dispatch
+  lynx:binning+auto      AffinityBinning, experts="auto" (the default) decides the dispatch
                          on this CPU (`*_ran_fused_op` records which ran)
   (Mixtral block) eager experts loop under Inductor, with and without AffinityBinning, in a
   sweep of their own after a Dynamo reset (see run_case)
@@ -58,11 +58,11 @@ VARIANTS = {  # name: (experts implementation, lynx options or None for default 
     "inductor:grouped_mm": ("grouped_mm", None),
     "inductor:batched_mm": ("batched_mm", None),
     "lynx:none+fused": ("grouped_mm", {"policy": "none", "experts": "fused"}),
-    "lynx:binning+keep": ("grouped_mm", {"experts": "keep"}),
-    "lynx:binning+fused": ("grouped_mm", {"experts": "fused"}),
-    "lynx:binning+auto": ("grouped_mm", {}),
+    "lynx:binning+keep": ("grouped_mm", {"policy": "affinity_binning", "experts": "keep"}),
+    "lynx:binning+fused": ("grouped_mm", {"policy": "affinity_binning", "experts": "fused"}),
+    "lynx:binning+auto": ("grouped_mm", {"policy": "affinity_binning"}),
     "inductor:eager-loop": ("eager", None),
-    "lynx:binning+eager-loop": ("eager", {}),
+    "lynx:binning+eager-loop": ("eager", {"policy": "affinity_binning"}),
 }
 
 

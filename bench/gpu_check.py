@@ -522,7 +522,7 @@ def measure_selection(records: list, settings: Settings) -> None:
                 x = torch.randn(tokens, 1, hidden, device=settings.device)
                 out = {}
                 with torch.no_grad():
-                    for name, options in (("plain", {"policy": "none"}), ("affinity_binning", {})):
+                    for name, options in (("plain", {"policy": "none"}), ("affinity_binning", {"policy": "affinity_binning"})):
                         torch._dynamo.reset()
                         fn = torch.compile(site, backend="lynx", options=options, mode=settings.cudagraph_mode)
                         out[f"{name}_ms"] = time_ms(fn, x, settings)
