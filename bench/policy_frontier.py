@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from common import RESULTS, pyplot
 from lynx_compile import machine
 from lynx_compile.calibration.measure import decode_log_probs
 from lynx_compile.calibration.procedure import DYNAMO_LIMITS, switchable_backend
@@ -39,7 +40,7 @@ from lynx_compile.lowering.switch_select import use_settings
 from lynx_compile.policies import SiteSetting, resolve_parameters
 from lynx_compile.record import record
 
-RESULTS = Path(__file__).resolve().parent / "results" / "frontier"
+FRONTIER = RESULTS / "frontier"
 
 
 def parse_setting(spec: str) -> tuple[str, dict]:
@@ -134,11 +135,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Per B: top-1 agreement and arith points against experts read; one line per policy family."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     batches = sorted({r["batch"] for r in result["rows"]})
     fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 9), squeeze=False)
     for column, batch in enumerate(batches):
@@ -171,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--code-tokens", type=int, default=1024, help="predicted code tokens per setting and B")
     p.add_argument("--arith", type=int, default=500, help="held-out arith problems per setting and B")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=FRONTIER)
     args = p.parse_args(argv)
     if args.report:
         for path in sorted(args.out.glob("frontier_*.json")):

@@ -4,6 +4,7 @@ the table. (Its measurement compiles a shipped checkpoint, minutes on two cores:
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -14,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def frontier():
+    sys.path.insert(0, str(ROOT / "bench"))  # its `common` import, as when run as a script
     spec = importlib.util.spec_from_file_location("policy_frontier", ROOT / "bench" / "policy_frontier.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
