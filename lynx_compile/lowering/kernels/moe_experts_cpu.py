@@ -50,9 +50,11 @@ _ARGTYPES = (
 
 KERNEL_PATHS = {  # path -> defines prepended to the source (see moe_experts_cpu.cpp)
     "auto": "",
-    "bf16dot": "#define LYNX_BF16DOT 1\n",
-    "lanes16": "#define LYNX_LANES 16\n#define LYNX_BF16DOT 0\n",
-    "lanes8": "#define LYNX_LANES 8\n#define LYNX_BF16DOT 0\n",
+    "bf16dot": "#define LYNX_BF16DOT 1\n#define LYNX_BRGEMM 0\n",
+    "brgemm": "#define LYNX_BRGEMM 2\n#define LYNX_BRGEMM_MIN_ROWS 1\n#define LYNX_BF16DOT 1\n",
+    "brgemm-emulated": "#define LYNX_BRGEMM 2\n#define LYNX_BRGEMM_EMULATE 1\n#define LYNX_BRGEMM_MIN_ROWS 1\n#define LYNX_BF16DOT 1\n",
+    "lanes16": "#define LYNX_LANES 16\n#define LYNX_BF16DOT 0\n#define LYNX_BRGEMM 0\n",
+    "lanes8": "#define LYNX_LANES 8\n#define LYNX_BF16DOT 0\n#define LYNX_BRGEMM 0\n",
     "generic": "#define LYNX_LANES 8\n#define LYNX_GENERIC 1\n#define LYNX_BF16DOT 0\n",
 }
 
