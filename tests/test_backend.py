@@ -148,16 +148,26 @@ def test_transformers_compile_config_path_with_a_static_cache():
     model.generation_config.compile_config = None
 
 
-def test_a_one_token_step_is_left_as_default_inductor_compiled_it():
-    """B=1 (Dynamo specializes it: T is statically 1): nothing to select, so lynx leaves the
-    site, and the graph, exactly as they were, and explain says why."""
+def test_a_one_token_step_keeps_its_top_k_and_fuses_its_experts(monkeypatch):
+    """B=1 (Dynamo specializes it: T is statically 1): nothing to select, so the top-k stays as
+    written and explain says why; the k experts are still computed by the fused op (faster than the
+    model's dispatch on the CPUs measured), and with policy none the graph is default Inductor's."""
+    from lynx_compile.lowering.kernels import choice
+
+    monkeypatch.setenv(choice.AUTO_ENV, "fused")  # what auto decides on every CPU the table measured
     model = tiny_model("mixtral", num_layers=2)
     with torch.no_grad():
         expected = torch.compile(model)(**decode_step(model, 1)).logits
         torch._dynamo.reset()
         got = torch.compile(model, backend="lynx")(**decode_step(model, 1)).logits
-    assert torch.equal(got, expected)
+        torch._dynamo.reset()
+        untouched = torch.compile(model, backend="lynx", options={"policy": "none"})(**decode_step(model, 1)).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(untouched, expected)
     report = lynx_compile.explain(model, **decode_step(model, 1))
     assert [s.rewritten for s in report.routing_sites] == [False, False]
     assert all("one token per call (T=1)" in s.reason for s in report.routing_sites)
-    assert report.graphs[0].before == report.graphs[0].after
+    assert all(s.experts.startswith("fused:") for s in report.routing_sites)
+    [graph] = report.graphs
+    assert graph.before.count("aten.topk.default") == graph.after.count("aten.topk.default") == 2
+    assert graph.before.count("lynx.moe_experts") == 0 and graph.after.count("lynx.moe_experts") == 2

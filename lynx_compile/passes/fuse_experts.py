@@ -26,8 +26,10 @@ the region is replaced by grouped GEMMs in plain aten ops instead (fuse_experts_
 How: `dispatch_region.py` finds the region between the top-k's indices and the first (T, H)
 tensor computed from the stacked expert weights and checks its inputs; `expert_layout.py` proves,
 by running it once on example inputs, which views of the parameters make `fused_moe_reference`
-compute the same thing; this module replaces the region (or reports why it stays). A site
-whose setting does not select keeps its dispatch under `experts="auto"`; so does a dispatch no
+compute the same thing; this module replaces the region (or reports why it stays). A lone
+token's site (T=1, a B=1 decode step: nothing to select) is fused too, since the fused op reads its
+k experts faster than the model's dispatch on the CPUs measured. A site whose setting does not
+select keeps its dispatch under `experts="auto"`; so does a dispatch no
 lynx kernel takes (dtype, device), and one `experts="auto"` finds faster as the model wrote it on
 this CPU (`lowering/kernels/choice.py`).
 """
@@ -49,10 +51,10 @@ from .fuse_experts_inductor import emit_grouped_mm, plan_grouped_mm
 
 
 def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxConfig) -> int:
-    """Replace the dispatch after each selectable routing site; return how many were replaced."""
+    """Replace the dispatch after each fusable routing site (selectable, or T=1); return how many were replaced."""
     fused = 0
     for site in sites:
-        if not site.selectable:
+        if not site.fusable:
             continue
         if config.experts == "keep" or (config.experts == "auto" and not site.setting.selects):
             site.experts = f"kept: experts={config.experts!r}"
