@@ -57,6 +57,12 @@ def machine_line(info) -> str:
             f"transformers {info['transformers']}.")
 
 
+def per_isa(stem: str, info: dict) -> str:
+    """A results stem that names the CPU, e.g. "bench_experts.AVX512+bf16+amx": the expert-compute
+    benches keep one table per ISA met, so a session on another CPU adds a table, never overwrites."""
+    return f"{stem}.{info['cpu_features']}"
+
+
 def save_results(stem, info, rows, plot_rows):
     """bench/results/<stem>.json (machine + rows) and <stem>.png (drawn by `plot_rows`)."""
     RESULTS.mkdir(exist_ok=True)

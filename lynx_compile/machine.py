@@ -23,12 +23,12 @@ def measure_read_bandwidth(megabytes: int = 512) -> float:
 
 def describe() -> dict:
     """The machine, and which lynx CPU kernel path and experts='auto' choice it gets."""
-    from .lowering.kernels.choice import cpu_features, cpu_has_bf16_dot_products
+    from .lowering.kernels.choice import cpu_features, kernel_measured_on_this_cpu
     from .lowering.kernels.moe_experts_cpu import describe_path
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "vector_isa": torch.backends.cpu.get_cpu_capability(), "cpu_features": cpu_features(),
             "lynx_cpu_kernel": describe_path(),
-            "experts_auto_bf16": "model's dispatch" if cpu_has_bf16_dot_products() else "lynx.moe_experts",
+            "experts_auto": "lynx.moe_experts" if kernel_measured_on_this_cpu() else "model's dispatch",
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "read_bandwidth_gbs": round(measure_read_bandwidth(), 1)}

@@ -252,16 +252,17 @@ def test_a_dtype_no_kernel_takes_leaves_the_dispatch_and_runs(arch, experts_impl
     assert site.experts.startswith("kept:") and "hidden dtype float16: the cpu kernel takes" in site.experts
 
 
-@pytest.mark.parametrize("bf16_dot_products, dtype, fused", [
-    (True, torch.bfloat16, False),  # oneDNN's native bf16 GEMMs beat the fp32-FMA kernel there
+@pytest.mark.parametrize("measured_isa, dtype, fused", [
+    (True, torch.bfloat16, True),  # AVX2 / AVX-512 / AVX512_BF16 / AMX: measured faster than the model's GEMMs
     (True, torch.float32, True),
-    (False, torch.bfloat16, True),
+    (False, torch.bfloat16, False),  # an ISA the table never measured (ARM, no vector ISA)
+    (False, torch.float32, False),
 ])
-def test_auto_decides_from_the_cpu_it_runs_on(monkeypatch, bf16_dot_products, dtype, fused):
+def test_auto_decides_from_the_cpu_it_runs_on(monkeypatch, measured_isa, dtype, fused):
     from lynx_compile.lowering.kernels import choice
 
     monkeypatch.delenv(choice.AUTO_ENV, raising=False)  # the CPU decides here, whatever the suite forces
-    monkeypatch.setattr(choice, "cpu_has_bf16_dot_products", lambda: bf16_dot_products)
+    monkeypatch.setattr(choice, "kernel_measured_on_this_cpu", lambda: measured_isa)
     backend, _ = run_pass_only(moe_block("mixtral", dtype=dtype), decode_hidden(8, dtype), LynxConfig())
     [site] = backend.routing_sites
     assert site.rewritten  # selection applies either way

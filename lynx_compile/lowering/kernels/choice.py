@@ -1,19 +1,20 @@
 """What `experts="auto"` computes the experts with, decided from the CPU this process runs on.
 
 Selection only pays if the expert computation after it is at least as fast as the model's own
-dispatch. lynx's CPU kernel (`moe_experts_cpu.cpp`) multiplies in fp32 with FMA, widening bf16
-weights as it reads them; the model's own dispatch (transformers' `grouped_mm` / `batched_mm`)
-runs ATen GEMMs, i.e. oneDNN, per expert. Which is faster depends on whether the CPU multiplies
-bf16 natively. Measured (docs/benchmarks.md, "Expert compute"):
+dispatch (transformers' `grouped_mm` / `batched_mm`: ATen GEMMs, i.e. oneDNN, per expert). lynx's
+CPU kernel (`moe_experts_cpu.cpp`) reads each present expert's weights once; on AMX it hands the
+products to oneDNN's brgemm, on AVX512_BF16 it uses bf16 dot products, elsewhere fp32 FMA.
+Measured, the fused op alone against transformers' `grouped_mm` on the same routing
+(`bench/bench_expert_kernels.py`, docs/benchmarks.md "Which expert compute auto picks"; one AMX
+machine, oneDNN capped to each lower ISA with ONEDNN_MAX_CPU_ISA, the kernel on that ISA's path):
 
-  CPU                               weights  auto uses            evidence (Mixtral-shaped block, bf16)
-  AVX512_BF16 or AMX                bf16     the model's dispatch  B=32 clustered: default Inductor 10.2-13.0 ms,
-                                                                   lynx fused 12.4-14.9 ms, binning + model's
-                                                                   dispatch 5.5 ms (issue 9, AVX512_BF16 machine)
-  AVX2, AVX-512 without bf16        bf16     lynx.moe_experts      oneDNN emulates bf16 GEMMs: 1.2-3.5x at B >= 8
-                                                                   for the fused op (bench_experts.py, AVX2)
-  any                               fp32     lynx.moe_experts      one pass over each expert's weights instead of
-                                                                   a GEMM per expert (bench_experts.py)
+  CPU                      auto uses         lynx's time / grouped_mm's (bf16, both blocks, 2026-12-02)
+  AMX                      lynx.moe_experts  0.29-0.40x at B <= 4, 0.50-0.87x at B 16-64 (brgemm)
+  AVX512_BF16 (no AMX)     lynx.moe_experts  0.29-0.51x at B <= 4, 0.60-1.00x at B 16-64 (bf16dot)
+  AVX-512 without bf16     lynx.moe_experts  0.39-0.71x (16 fp32 lanes)
+  AVX2                     lynx.moe_experts  0.32-0.51x (8 fp32 lanes)
+  any other ISA            the model's own   not measured: a native library may win there
+  (ARM, no vector ISA)     dispatch
 
 The decision is made when a graph is compiled, in the process that runs it, and the CPU's
 features are part of the pass's cache key, so a cached graph never carries another CPU's choice.
@@ -42,9 +43,9 @@ def forced_auto() -> str | None:
     return value or None
 
 
-def cpu_has_bf16_dot_products() -> bool:
-    """AVX512_BF16 or AMX: oneDNN runs bf16 GEMMs natively on this CPU."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+def kernel_measured_on_this_cpu() -> bool:
+    """An x86 CPU with AVX2 or AVX-512: the ISAs the table above measured lynx.moe_experts on."""
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))
 
 
 def cpu_features() -> str:
@@ -72,7 +73,7 @@ def auto_keeps_dispatch(hidden: torch.Tensor) -> str | None:
         return None
     if forced == "keep":
         return f"experts='auto' forced to keep the model's dispatch ({AUTO_ENV}=keep)"
-    if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 and cpu_has_bf16_dot_products():
-        return (f"experts='auto' on a {cpu_features()} CPU: the model's own bf16 GEMMs (oneDNN, native bf16) "
-                "were measured faster than lynx.moe_experts here; experts='fused' forces the fused op")
+    if hidden.device.type == "cpu" and not kernel_measured_on_this_cpu():
+        return (f"experts='auto' on a {cpu_features()} CPU: lynx.moe_experts was not measured against the "
+                "model's own dispatch on this ISA; experts='fused' forces the fused op")
     return None
