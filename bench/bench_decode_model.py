@@ -18,7 +18,7 @@ Variants, all in this process, one after another per B:
 Distinct experts per step come from lynx_compile.record (summed over the layers). A least-squares
 fit of step time against experts read per step, over the lynx rows of each model, gives the cost
 per expert and the intercept (everything that does not shrink with experts).
-Writes bench/results/bench_decode_model.json and .png.
+Writes bench/results/bench_decode_model.<cpu features>.{json,md,png} (one table per ISA met).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import transformers
 
 import lynx_compile
-from common import RESULTS, machine_line, pyplot, save_results, spread_routers, start, time_call
+from common import RESULTS, machine_line, per_isa, pyplot, save_results, spread_routers, start, time_call
 
 CACHE_TOKENS = 256
 LAYERS, HIDDEN = 4, 1024
@@ -194,8 +194,9 @@ def write_results(info, rows) -> None:
     fits = {case: fit([r for r in rows if r["case"] == case]) for case in dict.fromkeys(r["case"] for r in rows)}
     for case, line in fits.items():
         print(case, line)
-    save_results("bench_decode_model", {**info, "fits": fits}, rows, plot)
-    (RESULTS / "bench_decode_model.md").write_text(markdown(rows, info, fits))
+    stem = per_isa("bench_decode_model", info)
+    save_results(stem, {**info, "fits": fits}, rows, plot)
+    (RESULTS / f"{stem}.md").write_text(markdown(rows, info, fits))
 
 
 def arguments(parser):
@@ -207,7 +208,7 @@ def arguments(parser):
 def main():
     args, info = start(__doc__, arguments)
     if args.from_json:
-        saved = json.loads((RESULTS / "bench_decode_model.json").read_text())
+        saved = json.loads((RESULTS / f"{per_isa('bench_decode_model', info)}.json").read_text())
         write_results(saved["machine"], saved["rows"])
         return
     batches = args.batch_sizes or ((1, 16) if args.quick else (1, 4, 8, 16, 32, 64))

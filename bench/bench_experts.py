@@ -23,7 +23,8 @@ Each fused variant is checked to run lynx.moe_experts (`*_ran_fused_op`). Per ro
       on the same routing (oneDNN GEMMs via ATen: the library the op replaces);
   (b) selection's own effect: time(none+fused) / time(binning+fused) next to the experts ratio.
 The whole-model decode step (c) is bench/bench_decode_model.py.
-Writes bench/results/bench_experts.json and .png; the machine (ISA, kernel path) with them.
+Writes bench/results/bench_experts.<cpu features>.{json,md,png} (one table per ISA met); the machine
+(ISA, kernel path) with them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import statistics
 import torch
 
 import lynx_compile
-from common import RESULTS, machine_line, mixtral_block, pyplot, save_results, start, time_call
+from common import RESULTS, machine_line, mixtral_block, per_isa, pyplot, save_results, start, time_call
 from lynx_compile.lowering.kernels.moe_experts_cpu import moe_experts_cpu
 from lynx_compile.lowering.moe_experts_reference import ExpertWeights
 
@@ -228,8 +229,9 @@ def main():
         rows += run_case(name, block, make_input, batches, repeats, variants, weights, bandwidth)
         torch._dynamo.reset()
 
-    save_results("bench_experts", info, rows, plot)
-    (RESULTS / "bench_experts.md").write_text(markdown(rows, info))
+    stem = per_isa("bench_experts", info)
+    save_results(stem, info, rows, plot)
+    (RESULTS / f"{stem}.md").write_text(markdown(rows, info))
 
 
 if __name__ == "__main__":
