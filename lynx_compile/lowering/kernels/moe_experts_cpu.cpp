@@ -37,6 +37,11 @@
 // Numerics on every path: bf16 weights and activations widened exactly to fp32, products summed
 // in fp32 (fused multiply-add where the ISA has it), the same as the torch reference up to the
 // order of the fp32 sums.
+//
+// bf16 models with bf16 weights stored along K take faster paths where the CPU has them (see
+// LYNX_BF16DOT and LYNX_BRGEMM below): on AMX, experts with 2+ tokens (4+ where K > 1024) go to
+// oneDNN's brgemm (matmul_brgemm), fewer to vdpbf16ps dot products (dot_block_bf16); on
+// AVX512_BF16 all go to the dot products. Both multiply bf16 by bf16 exactly and accumulate in fp32.
 
 #include <cmath>
 #include <cstdint>
@@ -77,8 +82,8 @@
 #define LYNX_BF16DOT_NATIVE 0
 #endif
 
-// LYNX_BRGEMM: the (weight rows x tokens) products of experts with at least LYNX_BRGEMM_MIN_ROWS
-// tokens go to oneDNN's batch-reduce GEMM through ATen (`at::native::cpublas::brgemm`, what
+// LYNX_BRGEMM: the (weight rows x tokens) products of experts with enough tokens (brgemm_min_rows)
+// go to oneDNN's batch-reduce GEMM through ATen (`at::native::cpublas::brgemm`, what
 // Inductor's CPU GEMM templates call), which runs AMX tiles for bf16. 1 (the default build): where
 // ATen says this CPU runs it (`could_pack(kBFloat16)`: AMX); 2 (forced): everywhere, and on a CPU
 // without AMX the call's exact software form runs on the same packed operands, so the packing and
@@ -96,6 +101,12 @@
 #endif
 #ifndef LYNX_BRGEMM_MIN_ROWS
 #define LYNX_BRGEMM_MIN_ROWS 2  // one token: vdpbf16ps dot products measured 7-15% faster
+#endif
+#ifndef LYNX_BRGEMM_LONG_K_MIN_ROWS
+#define LYNX_BRGEMM_LONG_K_MIN_ROWS 4  // products with K > LYNX_BRGEMM_SHORT_K (brgemm_min_rows)
+#endif
+#ifndef LYNX_BRGEMM_SHORT_K
+#define LYNX_BRGEMM_SHORT_K 1024
 #endif
 #if LYNX_BRGEMM
 #include <ATen/native/CPUBlas.h>
@@ -341,6 +352,13 @@ bool brgemm_native() {
 #endif
 }
 
+// The fewest tokens an expert needs for brgemm to beat the dot products, by the product's K.
+// Measured (op alone, bf16, H = 1024 and 2048 blocks): with K <= 1024, brgemm wins from 2 tokens;
+// with K = 2048 (OLMoE's gate/up), the dot products still win at 2-3 tokens (1.1-1.2x).
+int64_t brgemm_min_rows(int64_t K) {
+  return K <= LYNX_BRGEMM_SHORT_K ? LYNX_BRGEMM_MIN_ROWS : LYNX_BRGEMM_LONG_K_MIN_ROWS;
+}
+
 // C[r * n + m] = sum_k A[r * lda + k] * B[vnni_index(k, m, n)]: the call's exact software form.
 void brgemm_reference(int64_t count, int64_t n, int64_t K, int64_t lda, const uint16_t* a, const uint16_t* b,
                       float* c) {
@@ -521,8 +539,8 @@ extern "C" int lynx_moe_experts(
   // Experts with enough tokens go to brgemm; their bf16 rows are stored packed (vnni_index) in
   // the same place of xs16 / act16 where row-major rows would be. VNNI pairs need an even K.
   const bool brgemm_on = LYNX_BRGEMM && pairs && (LYNX_BRGEMM == 2 || brgemm_native());
-  auto gate_up_packed = [&](int64_t e) { return brgemm_on && gate_up_pairs && H % 2 == 0 && counts[e] >= LYNX_BRGEMM_MIN_ROWS; };
-  auto down_packed = [&](int64_t e) { return brgemm_on && down_pairs && I % 2 == 0 && counts[e] >= LYNX_BRGEMM_MIN_ROWS; };
+  auto gate_up_packed = [&](int64_t e) { return brgemm_on && gate_up_pairs && H % 2 == 0 && counts[e] >= brgemm_min_rows(H); };
+  auto down_packed = [&](int64_t e) { return brgemm_on && down_pairs && I % 2 == 0 && counts[e] >= brgemm_min_rows(I); };
   std::unique_ptr<uint16_t[]> xs16_buffer(gate_up_pairs ? new uint16_t[P * H] : nullptr);
   std::unique_ptr<uint16_t[]> act16_buffer(down_pairs ? new uint16_t[P * I] : nullptr);
   uint16_t* const xs16 = xs16_buffer.get();

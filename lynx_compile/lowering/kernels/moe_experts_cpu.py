@@ -7,14 +7,26 @@ Calls go through ctypes with raw pointers; this module checks every shape, dtype
 first, so the C++ side trusts them.
 
 Kernel paths (`LYNX_CPU_KERNEL`, read at each call; default "auto"):
-  auto      the widest vectors the build flags allow: 16 fp32 lanes on AVX-512, else 8 (AVX2);
-            on an AVX512_BF16 CPU (AMX included) bf16 models take the bf16dot path
+  auto      what this CPU runs best, for bf16 weights stored along K in a bf16 model:
+              AMX:          experts with 2+ tokens (4+ for products with K > 1024): oneDNN's
+                            brgemm through ATen (AMX tiles); fewer: bf16 dot products (vdpbf16ps,
+                            measured faster there)
+              AVX512_BF16:  bf16 dot products (vdpbf16ps)
+              otherwise:    the widest fp32 vectors the build flags allow (16 lanes on AVX-512,
+                            else 8), bf16 widened as it is read
+            fp32 models and other layouts take the fp32-vector path on every CPU
+  brgemm    every expert through the brgemm call (oneDNN where ATen runs it, i.e. AMX; elsewhere
+            its exact software form on the same packed operands: slow, for testing the path)
+  brgemm-emulated   the software form even on an AMX CPU (tests the packing on any machine)
   bf16dot   bf16 x bf16 dot products along K (vdpbf16ps: two products per fp32 lane and
             instruction, nothing widened) for bf16 weights stored along K; on a CPU without
             AVX512_BF16, the instruction's exact software form (slow: for testing the path)
   lanes16   16-lane vectors (on a CPU without AVX-512 the compiler splits them: correct, slower)
   lanes8    8-lane vectors with AVX2 intrinsics where available (the AVX2 path on any x86 CPU)
   generic   8-lane vectors, no intrinsics (what any other ISA compiles)
+Numerics: the brgemm and bf16dot paths multiply bf16 by bf16 (the weights, the hidden state and
+the bf16-rounded activations: all already bf16 values) with fp32 accumulation; the fp32-vector
+paths widen bf16 exactly and accumulate in fp32. Only the order of the fp32 sums differs.
 Tests run every path on whatever machine they find, so each is tested on any machine.
 
 Same semantics as `moe_experts_reference.fused_moe_reference`: gate/up projections, the activation
@@ -51,8 +63,10 @@ _ARGTYPES = (
 KERNEL_PATHS = {  # path -> defines prepended to the source (see moe_experts_cpu.cpp)
     "auto": "",
     "bf16dot": "#define LYNX_BF16DOT 1\n#define LYNX_BRGEMM 0\n",
-    "brgemm": "#define LYNX_BRGEMM 2\n#define LYNX_BRGEMM_MIN_ROWS 1\n#define LYNX_BF16DOT 1\n",
-    "brgemm-emulated": "#define LYNX_BRGEMM 2\n#define LYNX_BRGEMM_EMULATE 1\n#define LYNX_BRGEMM_MIN_ROWS 1\n#define LYNX_BF16DOT 1\n",
+    "brgemm": "#define LYNX_BRGEMM 2\n#define LYNX_BRGEMM_MIN_ROWS 1\n#define LYNX_BRGEMM_LONG_K_MIN_ROWS 1\n"
+               "#define LYNX_BF16DOT 1\n",
+    "brgemm-emulated": "#define LYNX_BRGEMM 2\n#define LYNX_BRGEMM_EMULATE 1\n#define LYNX_BRGEMM_MIN_ROWS 1\n"
+                       "#define LYNX_BRGEMM_LONG_K_MIN_ROWS 1\n#define LYNX_BF16DOT 1\n",
     "lanes16": "#define LYNX_LANES 16\n#define LYNX_BF16DOT 0\n#define LYNX_BRGEMM 0\n",
     "lanes8": "#define LYNX_LANES 8\n#define LYNX_BF16DOT 0\n#define LYNX_BRGEMM 0\n",
     "generic": "#define LYNX_LANES 8\n#define LYNX_GENERIC 1\n#define LYNX_BF16DOT 0\n",
@@ -74,6 +88,11 @@ def describe_path(path: str | None = None) -> str:
     lanes = {"lanes16": 16, "lanes8": 8, "generic": 8}.get(path, 16 if isa.startswith("AVX512") else 8)
     style = "no intrinsics" if path == "generic" else "FMA"
     bf16_native = torch.cpu._is_avx512_bf16_supported()
+    amx = torch.cpu._is_amx_tile_supported()
+    if path.startswith("brgemm") or (path == "auto" and amx):
+        call = "oneDNN brgemm (AMX)" if amx and path != "brgemm-emulated" else "brgemm's software form"
+        tokens = "every expert" if path.startswith("brgemm") else "experts with 2+ tokens (4+ if K > 1024); vdpbf16ps below"
+        return f"{path}: {isa}, bf16 models: {call} for {tokens}; fp32: {lanes} fp32 lanes, FMA"
     if path == "bf16dot" or (path == "auto" and bf16_native):
         pairs = "vdpbf16ps" if bf16_native else "vdpbf16ps emulated (no AVX512_BF16 here)"
         return f"{path}: {isa}, bf16 models: {pairs}; fp32: {lanes} fp32 lanes, FMA"
