@@ -81,8 +81,11 @@ def measure_level(level: str, batches, repeats: int, blocks: dict = BLOCKS) -> l
                 row = {"level": level, "block": name, "batch": batch, "experts_present": present,
                        "bandwidth_gbs": round(bandwidth, 1), "bandwidth_limit_ms": limit_ms,
                        "grouped_mm_ms": time_call(lambda: experts(hidden, ids, routing_weights), repeats=repeats)}
+                library = experts(hidden, ids, routing_weights).float()  # (B, H): what lynx must equal
                 for path in LEVELS[level][1]:
                     os.environ["LYNX_CPU_KERNEL"] = path
+                    got = kernel.moe_experts_cpu(hidden, routing_weights, ids, weights).float()
+                    row[f"lynx:{path}_relative_error"] = float((got - library).abs().max() / library.abs().max())
                     row[f"lynx:{path}_ms"] = time_call(
                         lambda: kernel.moe_experts_cpu(hidden, routing_weights, ids, weights), repeats=repeats)
             rows.append(row)

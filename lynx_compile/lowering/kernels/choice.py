@@ -9,10 +9,10 @@ Measured, the fused op alone against transformers' `grouped_mm` on the same rout
 machine, oneDNN capped to each lower ISA with ONEDNN_MAX_CPU_ISA, the kernel on that ISA's path):
 
   CPU                      auto uses         lynx's time / grouped_mm's (bf16, both blocks, 2026-12-02)
-  AMX                      lynx.moe_experts  0.29-0.40x at B <= 4, 0.50-0.87x at B 16-64 (brgemm)
-  AVX512_BF16 (no AMX)     lynx.moe_experts  0.29-0.51x at B <= 4, 0.60-1.00x at B 16-64 (bf16dot)
-  AVX-512 without bf16     lynx.moe_experts  0.39-0.71x (16 fp32 lanes)
-  AVX2                     lynx.moe_experts  0.32-0.51x (8 fp32 lanes)
+  AMX                      lynx.moe_experts  0.25-0.41x at B <= 4, 0.49-0.83x at B 16-64 (brgemm)
+  AVX512_BF16 (no AMX)     lynx.moe_experts  0.29-0.41x at B <= 4, 0.51-1.00x at B 16-64 (bf16dot)
+  AVX-512 without bf16     lynx.moe_experts  0.40-0.67x (16 fp32 lanes)
+  AVX2                     lynx.moe_experts  0.33-0.44x (8 fp32 lanes)
   any other ISA            the model's own   not measured: a native library may win there
   (ARM, no vector ISA)     dispatch
 
