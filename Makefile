@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all lint docs demo bench eval frontier calibrate train clean
+.PHONY: setup test test-all lint docs demo bench bench-kernels bench-real eval frontier calibrate train clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_moe.py
+
+# Which expert compute experts="auto" picks, per ISA (docs/benchmarks.md; ~1 min).
+bench-kernels: $(STAMP)
+	$(PY) bench/bench_expert_kernels.py
+
+# A full-size OLMoE-1B-7B-shaped decode step, random bf16 weights (~15 GB of memory, ~30 min).
+bench-real: $(STAMP)
+	$(PY) bench/bench_real_model.py
 
 eval: $(STAMP)
 	$(VENV)/bin/lynx-compile eval
