@@ -342,7 +342,9 @@ void matmul_bf16_pairs(const Weight& weight, int64_t e, int64_t n0, int64_t n1, 
 
 inline int64_t vnni_index(int64_t k, int64_t m, int64_t n) { return ((k >> 1) * n + m) * 2 + (k & 1); }
 
-// Whether ATen runs the VNNI bf16 brgemm on this CPU (oneDNN's ukernel on AMX); else it refuses.
+// Whether to call oneDNN: where it packs bf16 for AMX. ATen also runs the VNNI bf16 brgemm on
+// AVX-512 without AMX, but there it measured 1.0-1.5x slower than the vdpbf16ps dot products
+// (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 on an AMX machine, 2026-12-02), so those keep them.
 bool brgemm_native() {
 #if LYNX_BRGEMM && !LYNX_BRGEMM_EMULATE
   static const bool native = at::native::cpublas::could_pack(at::kBFloat16);
