@@ -34,7 +34,8 @@ def make_case(T, k, E, H, I, dtype, layout, biased, seed=0, ids=None):
         w_down = stored_down.transpose(1, 2)
     biases = (rand(E, I).to(dtype), rand(E, I).to(dtype), rand(E, H).to(dtype)) if biased else (None,) * 3
     if ids is None:
-        ids = torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)])
+        ids = torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)]) if T else \
+            torch.empty(0, k, dtype=torch.long)
     weights = torch.rand(T, k, generator=generator)
     return (hidden, weights, ids, w_gate, w_up, w_down, *biases)
 
@@ -70,6 +71,20 @@ def test_matches_reference(dtype, layout, activation):
 def test_edge_shapes(shape):
     for dtype in (torch.float32, torch.bfloat16):
         assert_matches_reference(make_case(**shape, dtype=dtype, layout="concatenated", biased=False), "silu")
+
+
+@pytest.mark.parametrize("shape", [
+    dict(T=0, k=2, E=4, H=16, I=8),  # an empty batch: no pair reaches any expert
+    dict(T=3, k=0, E=4, H=16, I=8),  # no slots
+    dict(T=3, k=2, E=4, H=16, I=0),  # no intermediate features
+    dict(T=3, k=2, E=4, H=0, I=8),  # no hidden features
+])
+def test_empty_sizes_give_the_reference_s_result_instead_of_crashing(shape):
+    for dtype in (torch.float32, torch.bfloat16):
+        case = make_case(**shape, dtype=dtype, layout="concatenated", biased=False)
+        expected = run(fused_moe_reference, case, "silu")
+        got = run(moe_experts_cpu, case, "silu")
+        assert got.shape == expected.shape and torch.equal(got, expected)
 
 
 def test_one_expert_takes_every_token_and_the_rest_are_empty():

@@ -31,9 +31,10 @@
 // 2 x 4 block did not), with the block shape chosen by the tokens the expert has:
 //   1 token  -> 12 rows x 1 token     (weights streamed once, widened in registers)
 //   2 tokens ->  6 rows x 2 tokens
-//   3+       -> bf16 weights are widened once per (4 rows x 1024 K) tile into an L1-resident
-//               fp32 block, then 4 rows x 3 tokens blocks run over every token of the expert,
-//               so each weight element is converted once, not once per token block.
+//   3-5      ->  4 rows x 3 tokens, weights widened in registers
+//   6+       -> bf16 weights are widened once per (4 rows x 1024 K) tile into an L1-resident
+//               fp32 block (LYNX_PACK_MIN_ROWS), then 4 rows x 3 tokens blocks run over every
+//               token of the expert, so each weight element is converted once, not once per block.
 // Numerics on every path: bf16 weights and activations widened exactly to fp32, products summed
 // in fp32 (fused multiply-add where the ISA has it), the same as the torch reference up to the
 // order of the fp32 sums.
@@ -41,7 +42,7 @@
 // bf16 models with bf16 weights stored along K take faster paths where the CPU has them (see
 // LYNX_BF16DOT and LYNX_BRGEMM below): on AMX, experts with 2+ tokens (4+ where K > 1024) go to
 // oneDNN's brgemm (matmul_brgemm), fewer to vdpbf16ps dot products (dot_block_bf16); on
-// AVX512_BF16 all go to the dot products. Both multiply bf16 by bf16 exactly and accumulate in fp32.
+// AVX512_BF16 all go to the dot products. Both multiply bf16 by bf16 exactly, accumulate in fp32.
 
 #include <cmath>
 #include <cstdint>
@@ -426,7 +427,7 @@ void matmul_rows(const Weight& weight, int64_t e, int64_t n0, int64_t n1, const 
     if (sizeof(W) == 4 || rows < LYNX_PACK_MIN_ROWS) {  // fp32: nothing to widen; few tokens: little reuse
       return dot_all<W, 4, 3>(w, weight.sn, count, x, x_stride, rows, K, out, out_stride, false);
     } else {
-      // bf16, 3+ tokens: widen a (4 rows x kPackK) tile once, reuse it for every token.
+      // bf16, LYNX_PACK_MIN_ROWS+ tokens: widen a (4 rows x kPackK) tile once, reuse it for every token.
       for (int64_t n = 0; n < count; n += kPackRows) {
         const int64_t tile_rows = count - n < kPackRows ? count - n : kPackRows;
         for (int64_t k0 = 0; k0 < K; k0 += kPackK) {
@@ -527,6 +528,10 @@ extern "C" int lynx_moe_experts(
   }
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += counts[e] > 0;
+  if (active == 0) {  // no (token, slot) pair (T = 0 or k = 0): the sum over no experts is zero
+    std::memset(out, 0, T * H * (hidden_dtype == kBFloat16 ? 2 : 4));
+    return 0;
+  }
 
   // Scratch, written before it is read: no zero-filling.
   std::unique_ptr<float[]> xs_buffer(new float[P * H]), act_buffer(new float[P * I]), ys_buffer(new float[P * H]);
@@ -541,8 +546,12 @@ extern "C" int lynx_moe_experts(
   // Experts with enough tokens go to brgemm; their bf16 rows are stored packed (vnni_index) in
   // the same place of xs16 / act16 where row-major rows would be. VNNI pairs need an even K.
   const bool brgemm_on = LYNX_BRGEMM && pairs && (LYNX_BRGEMM == 2 || brgemm_native());
-  auto gate_up_packed = [&](int64_t e) { return brgemm_on && gate_up_pairs && H % 2 == 0 && counts[e] >= brgemm_min_rows(H); };
-  auto down_packed = [&](int64_t e) { return brgemm_on && down_pairs && I % 2 == 0 && counts[e] >= brgemm_min_rows(I); };
+  auto gate_up_packed = [&](int64_t e) {
+    return brgemm_on && gate_up_pairs && H % 2 == 0 && counts[e] >= brgemm_min_rows(H);
+  };
+  auto down_packed = [&](int64_t e) {
+    return brgemm_on && down_pairs && I % 2 == 0 && counts[e] >= brgemm_min_rows(I);
+  };
   std::unique_ptr<uint16_t[]> xs16_buffer(gate_up_pairs ? new uint16_t[P * H] : nullptr);
   std::unique_ptr<uint16_t[]> act16_buffer(down_pairs ? new uint16_t[P * I] : nullptr);
   uint16_t* const xs16 = xs16_buffer.get();
@@ -618,7 +627,8 @@ extern "C" int lynx_moe_experts(
       const int64_t rows = counts[task.expert], width = task.n1 - task.n0;
       y.assign(rows * width, 0.f);
       if (down_packed(task.expert))
-        matmul_brgemm(down, task.expert, task.n0, task.n1, act16 + start[task.expert] * I, rows, I, y.data(), width, c);
+        matmul_brgemm(down, task.expert, task.n0, task.n1, act16 + start[task.expert] * I, rows, I, y.data(), width,
+                      c);
       else if (down_pairs)
         matmul_bf16_pairs(down, task.expert, task.n0, task.n1, act16 + start[task.expert] * I, I, rows, I, y.data(),
                           width);

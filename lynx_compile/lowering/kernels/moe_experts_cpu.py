@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ..moe_experts_reference import ACTIVATIONS, ExpertWeights, check_inputs
+from ..moe_experts_reference import ACTIVATIONS, ExpertWeights, check_inputs, fused_moe_reference
 
 SOURCE = pathlib.Path(__file__).with_name("moe_experts_cpu.cpp")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -91,7 +91,8 @@ def describe_path(path: str | None = None) -> str:
     amx = torch.cpu._is_amx_tile_supported()
     if path.startswith("brgemm") or (path == "auto" and amx):
         call = "oneDNN brgemm (AMX)" if amx and path != "brgemm-emulated" else "brgemm's software form"
-        tokens = "every expert" if path.startswith("brgemm") else "experts with 2+ tokens (4+ if K > 1024); vdpbf16ps below"
+        tokens = ("every expert" if path.startswith("brgemm")
+                  else "experts with 2+ tokens (4+ if K > 1024); vdpbf16ps below")
         return f"{path}: {isa}, bf16 models: {call} for {tokens}; fp32: {lanes} fp32 lanes, FMA"
     if path == "bf16dot" or (path == "auto" and bf16_native):
         pairs = "vdpbf16ps" if bf16_native else "vdpbf16ps emulated (no AVX512_BF16 here)"
@@ -141,6 +142,8 @@ def moe_experts_cpu(
     num_tokens, hidden_size = hidden.shape
     top_k = topk_ids.shape[1]
     num_experts, inter_size, _ = w_gate.shape
+    if hidden_size == 0 or inter_size == 0:  # nothing to multiply: the reference's trivial result
+        return fused_moe_reference(hidden, topk_weights, topk_ids, experts)
     hidden = hidden.contiguous()
     pair_weights = topk_weights.float().contiguous()
     ids = topk_ids.to(torch.int64).contiguous()
