@@ -65,13 +65,17 @@ def shared_embedding_component(model) -> None:
         model.model.embed_tokens.weight += direction.to(torch.bfloat16)
 
 
+def head_dim(config) -> int:
+    """The attention head size: the config's own, or hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def step_inputs(model, batch: int) -> dict:
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache = transformers.DynamicCache(config=config)
     generator = torch.Generator().manual_seed(batch)
     for layer in range(config.num_hidden_layers):
-        kv = [torch.randn(batch, config.num_key_value_heads, CACHE_TOKENS, head_dim, generator=generator)
+        kv = [torch.randn(batch, config.num_key_value_heads, CACHE_TOKENS, head_dim(config), generator=generator)
               .to(torch.bfloat16) for _ in range(2)]
         cache.update(*kv, layer)
     ids = torch.randint(0, config.vocab_size, (batch, 1), generator=generator)

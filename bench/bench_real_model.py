@@ -37,7 +37,7 @@ import torch
 import transformers
 
 import lynx_compile
-from bench_decode_model import CACHE_TOKENS, decode_step, shared_embedding_component, step_inputs
+from bench_decode_model import CACHE_TOKENS, decode_step, head_dim, shared_embedding_component, step_inputs
 from common import RESULTS, machine_line, per_isa, pyplot, save_results, spread_routers, start, time_call
 
 OLMOE_1B_7B = dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
@@ -76,8 +76,7 @@ def step_bytes(model, experts_read: int, batch: int) -> int:
     expert_bytes = 3 * config.intermediate_size * config.hidden_size * 2  # gate, up, down; bf16
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if p.dim() != 3 and "embed_tokens" not in n)
-    head_dim = config.hidden_size // config.num_attention_heads
-    cache = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * CACHE_TOKENS * head_dim * 2
+    cache = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * CACHE_TOKENS * head_dim(config) * 2
     return dense + experts_read * expert_bytes + cache
 
 

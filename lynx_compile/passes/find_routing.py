@@ -72,8 +72,8 @@ class RoutingSite:
     def fusable(self) -> bool:
         """A routing top-k whose expert dispatch `fuse_experts` may replace: a selectable site, or a
         lone token's (T=1: nothing to select, but its k experts still computed by the fused op)."""
-        return self.selectable or (self.is_routing and self.phase is not None and self.phase.mode == "single"
-                                   and fm.is_call(self.topk, aten.topk.default))
+        return (self.is_routing and self.phase is not None and self.phase.fuses
+                and fm.is_call(self.topk, aten.topk.default))
 
     @property
     def selectable(self) -> bool:
@@ -133,7 +133,7 @@ def classify_topk(topk: Node, config: LynxConfig, frame: FrameFacts = FrameFacts
 
     site.phase = decide_phase(site.logits, config)
     site.reason = site.phase.reason
-    if site.phase.selects or site.phase.mode == "single":  # single: for the experts' dispatch (fusable)
+    if site.phase.fuses:  # a lone token's setting too: it decides whether its dispatch is fused
         site.setting = config.site_setting(site.label, num_experts, k)
     return site
 

@@ -45,6 +45,12 @@ class PhaseDecision:
     def selects(self) -> bool:
         return self.mode in ("decode", "runtime")
 
+    @property
+    def fuses(self) -> bool:
+        """Batches that may be decode steps, a lone token's (T=1) included: its experts' dispatch
+        is fused although there is nothing to select."""
+        return self.selects or self.mode == "single"
+
 
 def decide_phase(router_logits: Node, config: LynxConfig) -> PhaseDecision:
     router_input = router_logits.args[1] if router_logits.target is aten.addmm.default else router_logits.args[0]

@@ -603,6 +603,7 @@ extern "C" int lynx_moe_experts(
         matmul(weight_dtype, gate, task.expert, task.n0, task.n1, x, H, rows, H, g.data(), width, pack.get());
         matmul(weight_dtype, up, task.expert, task.n0, task.n1, x, H, rows, H, u.data(), width, pack.get());
       }
+      const bool act_packed = down_packed(task.expert);  // act16 laid out for brgemm (vnni_index)
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t n = 0; n < width; ++n) {
           float gv = g[m * width + n], uv = u[m * width + n];
@@ -614,8 +615,8 @@ extern "C" int lynx_moe_experts(
           const float a = round_to(activate(gv, uv, activation, alpha, limit), hidden_dtype);
           act[(start[task.expert] + m) * I + task.n0 + n] = a;
           if (act16)
-            act16[down_packed(task.expert) ? start[task.expert] * I + vnni_index(task.n0 + n, m, rows)
-                                           : (start[task.expert] + m) * I + task.n0 + n] = float_to_bf16(a);
+            act16[act_packed ? start[task.expert] * I + vnni_index(task.n0 + n, m, rows)
+                             : (start[task.expert] + m) * I + task.n0 + n] = float_to_bf16(a);
         }
     }
 
