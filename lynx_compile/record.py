@@ -43,6 +43,22 @@ class SelectionCall:
     top_k: int | None = None  # experts per token at the site
     choices: int = 0  # (token, slot) expert choices of the live rows: live tokens * top_k
     remapped: int = 0  # of those, choices of an expert outside the token's own plain top-k
+    ids_before: tuple[int, ...] = ()  # the distinct expert ids of the plain top-k, ascending
+    ids_after: tuple[int, ...] = ()  # the distinct expert ids after selection, ascending
+
+
+def experts_per_rank(ids: tuple[int, ...], num_experts: int, ranks: int) -> list[int]:
+    """Distinct experts each of `ranks` expert-parallel ranks reads, rank r owning the contiguous
+    experts [r * E / R, (r + 1) * E / R) (transformers' and vLLM's EP layout).
+
+    Raises ValueError when E is not a multiple of R (no even layout to count against)."""
+    if ranks < 1 or num_experts % ranks:
+        raise ValueError(f"{num_experts} experts do not split evenly over ranks={ranks}")
+    per_rank = num_experts // ranks
+    counts = [0] * ranks
+    for expert in ids:
+        counts[expert // per_rank] += 1
+    return counts
 
 
 def site_names_by_storage(model: torch.nn.Module | None) -> dict[int, str]:
@@ -84,6 +100,29 @@ class Recorder:
             if calls[0].expert_budget is not None:
                 out[site]["expert_budget"] = calls[0].expert_budget
                 out[site]["over_budget_calls"] = sum(c.over_budget > 0 for c in calls)
+        return out
+
+    def per_rank(self, ranks: int, decode_only: bool = True) -> dict[str, dict[str, object]]:
+        """Per site, under expert parallelism over `ranks` ranks (contiguous expert ranges): the
+        mean over calls of the most experts any one rank reads (a step waits for that rank),
+        before and after selection, and each rank's mean count after selection.
+
+        Raises ValueError when a site's E is not a multiple of `ranks`."""
+        out: dict[str, dict[str, object]] = {}
+        for site, all_calls in self.calls.items():
+            calls = [c for c in all_calls if c.decode or not decode_only]
+            if not calls:
+                continue
+            before = [experts_per_rank(c.ids_before, c.num_experts, ranks) for c in calls]
+            after = [experts_per_rank(c.ids_after, c.num_experts, ranks) for c in calls]
+            out[site] = {
+                "calls": len(calls),
+                "ranks": ranks,
+                "max_per_rank_before": sum(max(c) for c in before) / len(calls),
+                "max_per_rank_after": sum(max(c) for c in after) / len(calls),
+                "idle_ranks_after": sum(c.count(0) for c in after) / len(calls),
+                "per_rank_after": [sum(c[r] for c in after) / len(calls) for r in range(ranks)],
+            }
         return out
 
     def table(self, decode_only: bool = True) -> str:
@@ -151,4 +190,6 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
         top_k=int(plain_indices.shape[1]),
         choices=int(outside_own.numel()),
         remapped=int(outside_own.sum()),
+        ids_before=tuple(torch.unique(plain_indices).tolist()),
+        ids_after=tuple(torch.unique(chosen_indices).tolist()),
     ))

@@ -16,6 +16,8 @@ called. A top-k is a routing site when all three hold:
              is what a graph that ends at the top-k needs (transformers' `eager` experts loop
              graph-breaks right after routing: the indices leave the graph), and what a one-hot
              over E classes or a custom op taking the indices needs to count as a dispatch.
+           - under expert parallelism, through a proven global -> local id mapping
+             (`expert_parallel.py`) to a dispatch over this rank's E/R experts.
            Indices that only leave the graph, are one-hot encoded or feed a custom op, with no
            expert-holding module next to the router, are what a vocabulary or candidate top-k
            (draft trees, candidate lists) does too: not routing.
@@ -32,6 +34,7 @@ flattened from; see `phase.py`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch.fx import Graph, Node
@@ -39,6 +42,7 @@ from torch.fx import Graph, Node
 from ..config import LynxConfig
 from ..policies import SiteSetting
 from . import fx_match as fm
+from .expert_parallel import match_expert_parallel
 from .frame import FrameFacts
 from .fx_match import aten, prims
 from .phase import PhaseDecision, decide_phase
@@ -124,7 +128,7 @@ def classify_topk(topk: Node, config: LynxConfig, frame: FrameFacts = FrameFacts
         site.router_form += f", top-k as {rounds} rounds of max + mask"
     site.router_weight = router_weight(site.logits)
 
-    dispatch = find_dispatch(topk, num_experts, router_holds_experts(site.logits, num_experts, frame))
+    dispatch = find_dispatch(topk, num_experts, lambda n: router_holds_experts(site.logits, n, frame))
     if dispatch.startswith("not routing"):
         site.reason = dispatch
         return site
@@ -291,12 +295,16 @@ def router_holds_experts(logits: Node, num_experts: int, frame: FrameFacts) -> b
     return frame.holds_experts(parent, num_experts) or frame.holds_experts(router, num_experts)
 
 
-def find_dispatch(topk: Node, num_experts: int, expert_module: bool = False) -> str:
+def _no_expert_module(num_experts: int) -> bool:
+    return False
+
+
+def find_dispatch(topk: Node, num_experts: int, holds_experts: Callable[[int], bool] = _no_expert_module) -> str:
     """Describe how the top-k indices reach an expert dispatch, or say why they do not."""
     indices = fm.getitem_users(topk).get(1)
     if indices is None or not indices.users:
         return "not routing: the indices are unused (e.g. a top-k sampling threshold)"
-    return dispatch_of([indices], num_experts, expert_module)
+    return dispatch_of([indices], num_experts, holds_experts)
 
 
 # Evidence that needs the router's module to hold E stacked experts too (a candidate top-k over a
@@ -304,11 +312,24 @@ def find_dispatch(topk: Node, num_experts: int, expert_module: bool = False) -> 
 _NEEDS_EXPERT_MODULE = ("deferred to the next graph", "one-hot over experts", "custom op", "scattered into")
 
 
-def dispatch_of(indices: list[Node], num_experts: int, expert_module: bool = False) -> str:
+def dispatch_of(indices: list[Node], num_experts: int, holds_experts: Callable[[int], bool] = _no_expert_module) -> str:
     """How these expert-index tensors reach an expert dispatch, or why they do not.
 
-    expert_module: the router's module sits in one that holds E stacked experts
-    (`router_holds_experts`), which the weak kinds of evidence need."""
+    holds_experts(n): the router's module sits in one that holds n stacked experts
+    (`router_holds_experts`), which the weak kinds of evidence need. Ids mapped to this rank's
+    experts (`expert_parallel.py`) must reach a dispatch over the rank's L experts."""
+    mapping = match_expert_parallel(indices, num_experts)
+    if isinstance(mapping, str):
+        return mapping
+    if mapping is not None:
+        # the experts' forward may clamp the sentinel into range before gathering (and mask its rows)
+        clamped = [u for u in fm.layout_users(mapping.local_ids)
+                   if fm.is_call(u, aten.clamp.default, aten.clamp_max.default)]
+        local = dispatch_of([mapping.local_ids, *clamped], mapping.local_experts, holds_experts)
+        if local.startswith("not routing"):
+            return f"{local} (after the expert-parallel mapping: {mapping.describe()})"
+        return f"{mapping.describe()}; local ids: {local}"
+    expert_module = holds_experts(num_experts)
     evidence: list[str] = []
     for user in (user for node in indices for user in fm.layout_users(node)):
         found = _dispatch_kind(user, num_experts)

@@ -217,7 +217,7 @@ def _classify(chain: MaxChain, config: LynxConfig, frame: FrameFacts) -> Routing
     site.logits, form = router
     site.router_form = f"{form}, {rounds_form}"
     indices = [chain.index_stack] if chain.index_stack is not None else [r.index for r in chain.rounds]
-    dispatch = dispatch_of(indices, num_experts, router_holds_experts(site.logits, num_experts, frame))
+    dispatch = dispatch_of(indices, num_experts, lambda n: router_holds_experts(site.logits, n, frame))
     if dispatch.startswith("not routing"):
         site.reason = dispatch
         return site

@@ -107,7 +107,8 @@ def describe_site(site: RoutingSite) -> dict[str, object]:
     return {"site": site.label, "routing": site.is_routing, "router": site.router_form, "E": site.num_experts,
             "k": site.top_k, "phase": site.phase.mode if site.phase else None,
             "policy": site.setting.describe() if site.setting is not None else None,
-            "rewritten": site.rewritten, "reason": site.reason, "experts": site.experts}
+            "rewritten": site.rewritten, "reason": site.reason, "experts": site.experts,
+            "dispatch": site.dispatch}
 
 
 # The code that decides what the compiled graph contains. Other modules (eval, training, explain)

@@ -1,0 +1,85 @@
+"""One rank of the 2-rank tensor- and expert-parallel checks (run by
+tests/distributed/test_parallel.py through one `torch.distributed.run` launch, gloo on CPU).
+
+Loads the saved tiny MoE twice: with transformers' `tp_plan="auto"` (attention and experts
+sharded over the ranks, the router replicated), and with `ep_size=2` on top (each rank holds 4 of
+the 8 whole experts; transformers' AllReduceEP maps global ids to local ones and all-reduces the
+partial outputs). For each, compiles with lynx, decodes a few steps of a batch, and writes what
+the tests compare: per variant the steps' logits, `record()`'s per-site experts (and per-rank
+view) and the lynx log's per-site decisions. Every rank writes its own JSON.
+"""
+
+import json
+import logging
+import sys
+
+import torch
+import torch.distributed as dist
+import transformers
+from transformers.distributed import DistributedConfig
+
+import lynx_compile
+
+
+def decode(model, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Greedy decode with a KV cache: the logits (B, V) of each decode step."""
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        out = []
+        for _ in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+            out.append(logits.float())
+    return out
+
+
+class Decisions(logging.Handler):
+    """The lynx log's per-site lines ("lynx site NAME: routing=...; dispatch=...; ...")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def layouts() -> dict[str, dict]:
+    """Variant-name prefix -> from_pretrained's sharding arguments (built under torchrun only:
+    DistributedConfig checks the world size)."""
+    return {"": {"tp_plan": "auto"},
+            "ep_": {"distributed_config": DistributedConfig(tp_plan="auto", ep_size=2)}}
+
+
+def main(model_dir: str, out_stem: str) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(3, 60, (16, 4), generator=torch.Generator().manual_seed(0))
+    torch._logging.set_logs(modules={"lynx": logging.INFO})
+    decisions = Decisions()
+    logging.getLogger("lynx_compile").addHandler(decisions)
+    result = {}
+    for prefix, layout in layouts().items():
+        for variant, options in (("eager", None), ("none", {"policy": "none"}), ("default", {})):
+            torch._dynamo.reset()
+            decisions.lines.clear()
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **layout).eval()
+            if options is not None:
+                model.compile(backend="lynx", options=options)
+            with lynx_compile.record(model) as recorder:
+                steps = decode(model, ids, 3)
+            weight = model.model.layers[0].mlp.experts.gate_up_proj
+            local = weight.to_local() if hasattr(weight, "to_local") else weight
+            result[prefix + variant] = {
+                "logits": [s.tolist() for s in steps], "gate_up_local_shape": list(local.shape),
+                "experts": {site: [s["experts_before"], s["experts_after"]] for site, s in recorder.summary().items()},
+                "per_rank": recorder.per_rank(dist.get_world_size()), "decisions": list(decisions.lines)}
+    rank = dist.get_rank()
+    with open(f"{out_stem}.rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
