@@ -173,6 +173,8 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
     if recorder is None:
         return
     live = slice(None) if voters is None else voters.to(torch.bool)
+    ids_before = tuple(torch.unique(plain_indices).tolist())
+    ids_after = tuple(torch.unique(chosen_indices).tolist())
     over_budget = 0
     if expert_budget is not None and decode:
         over_budget = max(0, int(torch.unique(chosen_indices[live]).numel()) - expert_budget)
@@ -181,8 +183,8 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
     recorder.add(SelectionCall(
         site=recorder.site_name(site, router_weight),
         num_tokens=int(plain_indices.shape[0]),
-        experts_before=int(torch.unique(plain_indices).numel()),
-        experts_after=int(torch.unique(chosen_indices).numel()),
+        experts_before=len(ids_before),
+        experts_after=len(ids_after),
         num_experts=int(num_experts),
         decode=bool(decode),
         expert_budget=expert_budget,
@@ -190,6 +192,6 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
         top_k=int(plain_indices.shape[1]),
         choices=int(outside_own.numel()),
         remapped=int(outside_own.sum()),
-        ids_before=tuple(torch.unique(plain_indices).tolist()),
-        ids_after=tuple(torch.unique(chosen_indices).tolist()),
+        ids_before=ids_before,
+        ids_after=ids_after,
     ))
