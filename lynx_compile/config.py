@@ -50,6 +50,10 @@ class LynxConfig:
         max_moved: (moved_mass) the fraction of a decode batch's routing weight, per layer,
             that may move to other experts, in [0, 1); the experts whose weight matters least
             (summed squared weight) are dropped first. None: 0.06.
+        ranks: (moved_mass) expert-parallel ranks, each owning E/ranks contiguous experts: the
+            drop order takes from the rank that reads the most experts first, so the budget
+            lowers the slowest rank's work (docs/policies.md, "Expert parallelism"). An int
+            >= 1 that divides every site's E. None: 1 (the drop order ignores placement).
         phase: "decode" remaps only decode batches (each sequence contributes one token);
             "all" remaps every batch, prefill included (for studies; hurts accuracy).
         max_decode_tokens: for sites whose (batch, seq, hidden) flatten is not visible in the
@@ -84,6 +88,7 @@ class LynxConfig:
     keep_top: int | None = None
     keep_mass: float | None = None
     max_moved: float | None = None
+    ranks: int | None = None
     plan: Any = None  # str | os.PathLike | dict | plan.Plan | None; held as a plan.Plan
 
     def __post_init__(self) -> None:

@@ -97,7 +97,7 @@ def test_a_parameter_of_another_policy_is_an_error_naming_both(options, paramete
 
 
 def test_site_settings_resolve_defaults_from_the_sites_experts():
-    assert LynxConfig().site_setting("gate", 8, 2).params_dict() == {"max_moved": 0.06}
+    assert LynxConfig().site_setting("gate", 8, 2).params_dict() == {"max_moved": 0.06, "ranks": 1}
     assert LynxConfig(policy="affinity_binning").site_setting("gate", 8, 2).params_dict() == {
         "alpha": 0.7, "beta": 1, "confidence_gap": pytest.approx(1 / 0.7)}
     budget = LynxConfig(policy="gate_mass_budget", expert_budget=0.3)

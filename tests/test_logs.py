@@ -29,7 +29,7 @@ def test_torch_logs_prints_decisions_and_graphs_and_torch_trace_keeps_them(tmp_p
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "lynx site gate: routing=True; router=softmax(linear); E=8; k=2; phase=decode; " \
-           "policy=moved_mass(max_moved=0.06) [config]; rewritten=True" in done.stderr
+           "policy=moved_mass(max_moved=0.06, ranks=1) [config]; rewritten=True" in done.stderr
     assert "[__lynx_graphs] lynx graph before its pass:" in done.stderr
     after = done.stderr.split("lynx graph after the routing rewrite:")[1].split("lynx graph after lowering:")[0]
     assert "lynx.batch_select.default" in after

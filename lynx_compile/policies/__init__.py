@@ -9,7 +9,8 @@
     protected_mass     each token keeps its top experts up to keep_mass of their routing
                        probability; its light slots ride on the batch's   (keep_mass)
     moved_mass         drop the experts of least routing weight while the weight that
-                       moves stays within max_moved of the batch's        (max_moved)
+                       moves stays within max_moved of the batch's; with   (max_moved, ranks)
+                       ranks > 1, from the fullest expert-parallel rank first
     none               plain top-k (a site with policy none is not rewritten at all)
 
 Every policy only states its preferences (`base.py`); `contract.py:select_experts` turns them
@@ -95,8 +96,14 @@ def select(policy: str, scores: torch.Tensor, logits: torch.Tensor, k: int, live
            **params) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `policy` on one batch's router outputs under the shared contract (no compilation).
 
-    scores, logits: (T, E); live: (T,) bool or None; params: the policy's resolved parameters.
-    Returns values (T, k) in scores' dtype and indices (T, k) int64, like `torch.topk(scores, k)`."""
+    scores, logits: (T, E); live: (T,) bool or None; params: some of the policy's parameters,
+    the rest take their defaults for this E and k (`resolve_parameters`).
+    Returns values (T, k) in scores' dtype and indices (T, k) int64, like `torch.topk(scores, k)`.
+    Raises ValueError for a parameter the policy does not take or a bad value."""
+    unknown = sorted(set(params) - set(PARAMETERS[_module(policy).NAME]))
+    if unknown:
+        raise ValueError(f"policy {policy!r} takes parameters {list(PARAMETERS[policy])}, not {unknown}")
+    params = resolve_parameters(policy, params, scores.shape[1], k)
     return select_experts(scores, logits, k, preferences(policy, scores, logits, k, **params), live)
 
 

@@ -27,7 +27,7 @@ SITES = {"model.layers.0.mlp.gate": (8, 2), "model.layers.1.mlp.gate": (8, 2)}
 
 def test_a_setting_applies_at_every_site_and_a_plan_only_where_it_names_one(frontier, tmp_path):
     settings = frontier.site_settings("moved_mass:max_moved=0.04", SITES)
-    assert {s.describe() for s in settings.values()} == {"moved_mass(max_moved=0.04) [frontier]"}
+    assert {s.describe() for s in settings.values()} == {"moved_mass(max_moved=0.04, ranks=1) [frontier]"}
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"sites": {"model.layers.1.mlp.gate": {"policy": "opportunistic",
                                                                       "params": {"keep_top": 1}}}}))

@@ -51,12 +51,13 @@ class Batch:
     keep_top: int = 0
     keep_mass: float = 0.8
     max_moved: float = 0.05
+    ranks: int = 1
 
     @property
     def params(self) -> dict:
         given = {"alpha": self.alpha, "beta": self.beta, "confidence_gap": self.confidence_gap,
                  "expert_budget": self.expert_budget, "keep_top": self.keep_top, "keep_mass": self.keep_mass,
-                 "max_moved": self.max_moved}
+                 "max_moved": self.max_moved, "ranks": self.ranks}
         return {name: given[name] for name in policies.PARAMETERS[self.policy]}
 
     def select(self, rows: torch.Tensor | None = None):
@@ -110,8 +111,9 @@ def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k
     keep_top = pick.randint(1, k)
     keep_mass = pick.choice([0.3, 0.5, 0.8, 0.95, 1.0])
     max_moved = pick.choice([0.0, 0.02, 0.1, 0.5, 0.99])
+    ranks = pick.choice([r for r in (1, 2, 4, 8) if num_experts % r == 0])  # moved_mass's expert-parallel order
     return Batch(scores.to(dtype), logits.to(dtype), k, alpha, beta, gap, live, policy, expert_budget, keep_top,
-                 keep_mass, max_moved)
+                 keep_mass, max_moved, ranks)
 
 
 def eligible_and_usable(batch: Batch):
@@ -204,14 +206,14 @@ def test_an_empty_batch_returns_empty_tensors():
                  marks=pytest.mark.slow),
     pytest.param("opportunistic", 0, 2, 16, 4, torch.float32, marks=pytest.mark.slow),
     pytest.param("protected_mass", 0, 0, 16, 4, torch.float32, marks=pytest.mark.slow),
-    ("moved_mass", 0, 0, 8, 2, torch.float32),  # the default: float64 weights, an integer budget
+    ("moved_mass", 0, 0, 8, 2, torch.float32),  # the default: float64 weights, an integer budget; ranks=4
 ])
 def test_inductor_generated_selection_equals_the_eager_op(policy, expert_budget, keep_top, num_experts, k, dtype):
     """One compiled function per (policy, E, k, dtype), dynamic in T, checked on many generated
     batches (their ties and -inf masks included)."""
 
     values = {"alpha": 3.0, "beta": 2, "confidence_gap": 1 / 3, "expert_budget": expert_budget, "keep_top": keep_top,
-              "keep_mass": 0.8, "max_moved": 0.1}
+              "keep_mass": 0.8, "max_moved": 0.1, "ranks": 4}
     params = {name: values[name] for name in policies.PARAMETERS[policy]}
 
     def select(scores, logits, live):

@@ -346,9 +346,10 @@ void protected_mass(const Batch& b, double keep_mass, std::vector<uint8_t>& kept
 // policies/moved_mass.py: each voter's top-k weights (its router probability renormalized over
 // its top-k, float64, in integer units of 2**-24) summed per expert (load) and squared (harm);
 // the least harmful experts are dropped while their summed load stays within max_moved of the
-// total, k experts at least kept.
+// total, k experts at least kept. ranks > 1: the drop order takes from the fullest of `ranks`
+// contiguous expert shards first (moved_mass.py:fullest_rank_first).
 // Returns the surviving set (E,).
-std::vector<uint8_t> moved_mass(const Batch& b, double max_moved) {
+std::vector<uint8_t> moved_mass(const Batch& b, double max_moved, int64_t ranks) {
   const int64_t T = b.T, E = b.E, k = b.k;
   std::vector<int64_t> load(E, 0), harm(E, 0), evidence(E, 0);
   std::vector<float> gap(E);
@@ -376,11 +377,26 @@ std::vector<uint8_t> moved_mass(const Batch& b, double max_moved) {
       harm[candidates[j]] += (units * units) >> 24;  // floor(units**2 / 2**24): units >= 0
     }
   }
-  const std::vector<int64_t> rank = rank_of(E, [&](int64_t a, int64_t c) {
+  const std::vector<int64_t> harm_rank = rank_of(E, [&](int64_t a, int64_t c) {
     if (harm[a] != harm[c]) return harm[a] > harm[c];
     if (evidence[a] != evidence[c]) return evidence[a] > evidence[c];
     return a < c;
   });
+  std::vector<int64_t> rank = harm_rank;
+  if (ranks > 1) {
+    // depth: an expert's place (1 = most harmful) among the routed experts of its own shard;
+    // unrouted experts last; keep order by depth, ties by harm rank.
+    std::vector<int64_t> by_harm(E), depth(E, E + 1), in_shard(ranks, 0);
+    for (int64_t e = 0; e < E; ++e) by_harm[harm_rank[e]] = e;
+    for (int64_t i = 0; i < E; ++i) {
+      const int64_t e = by_harm[i];
+      if (load[e] > 0) depth[e] = ++in_shard[e / (E / ranks)];
+    }
+    rank = rank_of(E, [&](int64_t a, int64_t c) {
+      if (depth[a] != depth[c]) return depth[a] < depth[c];
+      return harm_rank[a] < harm_rank[c];
+    });
+  }
   std::vector<int64_t> by_rank(E);
   int64_t sum = 0;
   for (int64_t e = 0; e < E; ++e) {
@@ -504,9 +520,11 @@ std::tuple<at::Tensor, at::Tensor> select_experts_cpu(const at::Tensor& scores, 
       levels = {&tokens_kept, &loaded};
       per_token0 = true;
     } else if (name == "moved_mass") {
-      TORCH_CHECK(params.size() == 1, "moved_mass takes max_moved");
+      TORCH_CHECK(params.size() == 2, "moved_mass takes max_moved, ranks");
       TORCH_CHECK(params[0] >= 0 && params[0] < 1, "moved_mass: max_moved must be a float in [0, 1)");
-      survivors = moved_mass(b, params[0]);
+      const int64_t ranks = static_cast<int64_t>(params[1]);
+      TORCH_CHECK(ranks >= 1 && E % ranks == 0, "moved_mass: ranks must be an integer >= 1 dividing E");
+      survivors = moved_mass(b, params[0], ranks);
     } else if (name == "none") {
       survivors.assign(E, 1);
     } else {
