@@ -33,8 +33,8 @@ layout). The drop order then takes from the fullest rank first: each routed expe
 its place, most harmful first, among the routed experts of its own rank; experts are dropped in
 decreasing depth (ties: least harmful first), unrouted experts before any, under the same
 moved-weight budget. So the budget is spent where it lowers the most experts one rank reads
-rather than the total (bench/policy_frontier.py --ranks; docs/policies.md, "Expert
-parallelism").
+rather than the total (docs/policies.md, "Expert parallelism"; not yet measured on the shipped
+checkpoints).
 
 Parameters: max_moved in [0, 1): the fraction of the batch's routing weight (per layer) that may
 be remapped; 0 drops only experts no voter routes to (plain top-k). ranks >= 1, dividing E: the
