@@ -1,8 +1,10 @@
 """One rank of the 2-rank tensor- and expert-parallel checks (run by
 tests/distributed/test_parallel.py through one `torch.distributed.run` launch, gloo on CPU).
 
-Loads the saved tiny MoE twice: with transformers' `tp_plan="auto"` (attention and experts
-sharded over the ranks, the router replicated), and with `ep_size=2` on top (each rank holds 4 of
+Loads the saved tiny MoE twice: tensor parallel (attention sharded over the ranks, the router
+replicated, and the experts sharded too where the installed transformers still has its
+`moe_tp_experts` style: 5.24 put them in Mixtral's "auto" plan, 5.25 took them out and deprecated
+the style for removal in 5.28, so they are asked for by name), and with `ep_size=2` on top (each rank holds 4 of
 the 8 whole experts; transformers' AllReduceEP maps global ids to local ones and all-reduces the
 partial outputs). For each, compiles with lynx, decodes a few steps of a batch, and writes what
 the tests compare: per variant the steps' logits, `record()`'s per-site experts (and per-rank
@@ -45,10 +47,25 @@ class Decisions(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+# Mixtral's experts under tensor parallelism: gate/up rows and down columns halved per rank.
+EXPERT_TP_RULES = {"model.layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+                   "model.layers.*.mlp.experts.down_proj": "rowwise",
+                   "model.layers.*.mlp.experts": "moe_tp_experts"}
+
+
+def experts_tp_available() -> bool:
+    """Whether the installed transformers can still shard experts by tensor parallelism."""
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    return "moe_tp_experts" in ALL_PARALLEL_STYLES
+
+
 def layouts() -> dict[str, dict]:
     """Variant-name prefix -> from_pretrained's sharding arguments (built under torchrun only:
-    DistributedConfig checks the world size)."""
-    return {"": {"tp_plan": "auto"},
+    DistributedConfig checks the world size). The plan's dictionary adds to the model's own
+    ("auto") rules."""
+    tp_plan = EXPERT_TP_RULES if experts_tp_available() else "auto"
+    return {"": {"distributed_config": DistributedConfig(tp_plan=tp_plan)},
             "ep_": {"distributed_config": DistributedConfig(tp_plan="auto", ep_size=2)}}
 
 
@@ -72,6 +89,7 @@ def main(model_dir: str, out_stem: str) -> None:
             local = weight.to_local() if hasattr(weight, "to_local") else weight
             result[prefix + variant] = {
                 "logits": [s.tolist() for s in steps], "gate_up_local_shape": list(local.shape),
+                "experts_tp": experts_tp_available(),
                 "experts": {site: [s["experts_before"], s["experts_after"]] for site, s in recorder.summary().items()},
                 "per_rank": recorder.per_rank(dist.get_world_size()), "decisions": list(decisions.lines)}
     rank = dist.get_rank()

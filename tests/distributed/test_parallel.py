@@ -1,7 +1,7 @@
 """Tensor and expert parallelism: two gloo ranks on CPU, each compiling the same tiny Mixtral with
 lynx (`rank_worker.py`, one `torch.distributed.run` launch for both layouts).
 
-Under TP (transformers' `tp_plan="auto"`) the router is replicated and its input is the same on
+Under TP (transformers' "auto" plan, plus its expert rules where they still exist) the router is replicated and its input is the same on
 every rank (the hidden state after the attention's all-reduce), and every selection ranking is on
 integers, so each rank selects the same experts; the experts' shards then compute their parts of
 the same choice. The logits of every rank must therefore equal a one-process run of the same
@@ -63,9 +63,10 @@ def test_every_rank_selects_and_reads_fewer_experts(ranks):
     model_dir, results = ranks
     config = json.loads((model_dir / "config.json").read_text())
     for result in results:
-        # the experts really are sharded: each rank holds half of every expert's gate/up rows
-        assert result["default"]["gate_up_local_shape"] == [config["num_local_experts"],
-                                                             config["intermediate_size"], config["hidden_size"]]
+        # where transformers can still shard experts by TP, they are: each rank holds half of every
+        # expert's gate/up rows (else the experts are replicated and only attention is sharded)
+        rows = config["intermediate_size"] * (1 if result["default"]["experts_tp"] else 2)
+        assert result["default"]["gate_up_local_shape"] == [config["num_local_experts"], rows, config["hidden_size"]]
         experts = result["default"]["experts"]
         assert len(experts) == 2  # both layers' routing sites rewritten on this rank
         assert all(after < before for before, after in experts.values()), experts
