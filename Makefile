@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all lint docs demo bench bench-kernels bench-real eval frontier calibrate train clean
+.PHONY: setup test test-all lint docs demo bench bench-kernels bench-real eval frontier ep-ranks calibrate train clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,11 @@ frontier: $(STAMP)
 	$(PY) bench/policy_frontier.py --checkpoint fine --settings $(FRONTIER_COMMON) opportunistic:keep_top=2 \
 	  opportunistic:keep_top=3 gate_mass_budget:expert_budget=12 gate_mass_budget:expert_budget=16 \
 	  gate_mass_budget:expert_budget=20 gate_mass_budget:expert_budget=24
+
+# The most experts one of 8 expert-parallel ranks reads per decode step, both shipped checkpoints,
+# B = 16/32/64 (docs/policies.md, "Expert parallelism"): bench/results/ep_ranks/; ~3 min.
+ep-ranks: $(STAMP)
+	$(PY) bench/ep_ranks.py
 
 # Per-layer plans for both shipped checkpoints under two budgets (docs/calibration.md).
 calibrate: $(STAMP)

@@ -53,7 +53,9 @@ class LynxConfig:
         ranks: (moved_mass) expert-parallel ranks, each owning E/ranks contiguous experts: the
             drop order takes from the rank that reads the most experts first, so the budget
             lowers the slowest rank's work (docs/policies.md, "Expert parallelism"). An int
-            >= 1 that divides every site's E. None: 1 (the drop order ignores placement).
+            >= 1 that divides every site's E. None: the ranks of the site's proven
+            expert-parallel layout where it has one (transformers' `ep_size`), else 1 (the drop
+            order ignores placement).
         phase: "decode" remaps only decode batches (each sequence contributes one token);
             "all" remaps every batch, prefill included (for studies; hurts accuracy).
         max_decode_tokens: for sites whose (batch, seq, hidden) flatten is not visible in the
@@ -103,9 +105,13 @@ class LynxConfig:
         if self.plan is not None:
             object.__setattr__(self, "plan", load_plan(self.plan))
 
-    def site_setting(self, site: str, num_experts: int, top_k: int) -> SiteSetting:
+    def site_setting(self, site: str, num_experts: int, top_k: int, parallel_ranks: int | None = None) -> SiteSetting:
         """The policy and resolved parameters of one routing site: its plan entry if the plan
-        names it, else the config's. Raises LynxOptionsError for parameters the site's k refuses."""
+        names it, else the config's. Raises LynxOptionsError for parameters the site's k refuses.
+
+        parallel_ranks: the ranks a proven expert-parallel id mapping shards the site's experts
+        over (`passes/expert_parallel.py`); a policy that balances over ranks (`ranks`) takes it
+        where neither the plan entry nor the config gives `ranks`."""
         entry = self.plan.entry(site) if self.plan is not None else None
         if entry is not None:
             policy, given, source = entry.policy, entry.params_dict(), f"plan {self.plan.source}"
@@ -113,6 +119,9 @@ class LynxConfig:
             policy = self.policy
             given = {name: getattr(self, name) for name in PARAMETERS[policy] if getattr(self, name) is not None}
             source = "config" if self.plan is None else "config (site not in plan)"
+        if parallel_ranks is not None and "ranks" in PARAMETERS[policy] and "ranks" not in given:
+            given = {**given, "ranks": parallel_ranks}
+            source += ", ranks from the expert-parallel layout"
         params = resolve_parameters(policy, given, num_experts, top_k, site)
         return SiteSetting(policy, tuple(params.items()), source)
 

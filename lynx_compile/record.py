@@ -27,6 +27,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .shards import experts_per_shard
+
 
 @dataclasses.dataclass(frozen=True)
 class SelectionCall:
@@ -48,13 +50,11 @@ class SelectionCall:
 
 
 def experts_per_rank(ids: tuple[int, ...], num_experts: int, ranks: int) -> list[int]:
-    """Distinct experts each of `ranks` expert-parallel ranks reads, rank r owning the contiguous
-    experts [r * E / R, (r + 1) * E / R) (transformers' and vLLM's EP layout).
+    """Distinct experts each of `ranks` expert-parallel ranks reads, in the contiguous layout of
+    `shards.py` (transformers' and vLLM's EP layout).
 
     Raises ValueError when E is not a multiple of R (no even layout to count against)."""
-    if ranks < 1 or num_experts % ranks:
-        raise ValueError(f"{num_experts} experts do not split evenly over ranks={ranks}")
-    per_rank = num_experts // ranks
+    per_rank = experts_per_shard(num_experts, ranks)
     counts = [0] * ranks
     for expert in ids:
         counts[expert // per_rank] += 1
@@ -168,16 +168,18 @@ def report_selection(site: str, plain_indices: torch.Tensor, chosen_indices: tor
                      voters: torch.Tensor | None = None, expert_budget: int | None = None) -> None:
     """Called by lynx::observe_selection inside recording variants of compiled graphs.
 
-    voters: (T,) bool rows that voted (None: all); expert_budget: the site's gate-mass budget."""
+    voters: (T,) bool rows that voted (None: all); expert_budget: the site's gate-mass budget;
+    num_experts: the real experts, ids from it on are zero-compute ones, which no batch loads."""
     recorder = active_recorder()
     if recorder is None:
         return
     live = slice(None) if voters is None else voters.to(torch.bool)
-    ids_before = tuple(torch.unique(plain_indices).tolist())
-    ids_after = tuple(torch.unique(chosen_indices).tolist())
+    ids_before = tuple(e for e in torch.unique(plain_indices).tolist() if e < num_experts)
+    ids_after = tuple(e for e in torch.unique(chosen_indices).tolist() if e < num_experts)
     over_budget = 0
     if expert_budget is not None and decode:
-        over_budget = max(0, int(torch.unique(chosen_indices[live]).numel()) - expert_budget)
+        used = torch.unique(chosen_indices[live])
+        over_budget = max(0, int((used < num_experts).sum()) - expert_budget)
     # (T, k, 1) vs (T, 1, k): a chosen expert is remapped when none of the token's plain top-k is it
     outside_own = (chosen_indices[live].unsqueeze(-1) != plain_indices[live].unsqueeze(-2)).all(-1)
     recorder.add(SelectionCall(

@@ -4,7 +4,11 @@ Letters: T tokens, k experts per token, E experts, H hidden size, I expert inter
 
     out[t] = sum_j topk_weights[t, j] * down_e(act(gate_e(x_t), up_e(x_t)))     e = topk_ids[t, j]
 
-with gate/up/down the expert's (optionally biased) linears. Numerics, shared by the CPU and the
+with gate/up/down the expert's (optionally biased) linears. An id equal to E means "no expert
+here": the slot adds nothing, whatever its weight, and no expert is read for it. That is how an
+expert-parallel rank sees the pairs other ranks serve (transformers' AllReduceEP gives them the
+local id E, `passes/expert_parallel.py`), so a rank's fused op reads only its own experts that
+the batch selected. Numerics, shared by the CPU and the
 Triton kernels: products accumulate in fp32; the gate and up projections and the activation's
 output are rounded to the hidden state's dtype (where a bf16 model rounds them); the down
 projection and the routing-weighted sum over the k slots stay fp32 until the final rounding.
@@ -61,7 +65,7 @@ def activate(g: torch.Tensor, u: torch.Tensor, activation: str, alpha: float, li
 def fused_moe_reference(
     hidden: torch.Tensor,  # (T, H)
     topk_weights: torch.Tensor,  # (T, k)
-    topk_ids: torch.Tensor,  # (T, k) in [0, E)
+    topk_ids: torch.Tensor,  # (T, k) in [0, E]; E = no expert
     experts: ExpertWeights,
 ) -> torch.Tensor:  # (T, H), hidden.dtype
     """The expert computation, looping over the experts present (syncs; for tests and checks)."""
@@ -69,7 +73,10 @@ def fused_moe_reference(
     dtype = hidden.dtype
     x32 = hidden.float()
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (T, H)
+    num_experts = w_gate.shape[0]
     for e in torch.unique(topk_ids).tolist():
+        if e == num_experts:  # "no expert here": adds nothing
+            continue
         tok, slot = torch.where(topk_ids == e)  # the (token, slot) pairs routed to e
         x = x32[tok]  # (n, H)
         g = x @ w_gate[e].float().T  # (n, I) fp32 accumulate

@@ -1,11 +1,13 @@
 """Every `lynx::` operator the passes put into graphs: schema, implementations, fake, in one place.
 
-lynx::batch_select(scores, logits, k, policy, params, decode_token_bound, live?) -> (values, indices)
+lynx::batch_select(scores, logits, k, policy, params, decode_token_bound, live?, num_routed=-1)
+    -> (values, indices)
     Drop-in for `torch.topk(scores, k)` at a routing site: same shapes, dtypes and meaning, with
     the indices chosen batch-aware by `policy` on decode batches (`selection.py`). `params` are the
     policy's parameters as floats in its `PARAMETERS` order (`encode_params` / `decode_params`,
     the one codec between a `SiteSetting` and the op). `live` (T,) bool marks the rows allowed to
-    vote (None: all). Inside torch.compile it never reaches Inductor as an opaque call:
+    vote (None: all). `num_routed` >= 0: columns from it on are zero-compute experts, free to
+    use and never counted as loaded (-1: every column is a real expert). Inside torch.compile it never reaches Inductor as an opaque call:
     `passes/lower_selection.py` replaces it by its aten body.
 
 lynx::select_experts_cpu(scores, logits, plain_indices, k, policy, params, decode_token_bound, live?)
@@ -21,7 +23,8 @@ lynx::observe_selection(plain_indices, chosen_indices, router_weight, num_expert
     (T,) bool and `expert_budget` (-1: none) let it report calls whose voters use more experts
     than a budget. Only compiled in by the recording variant of a graph.
 
-lynx::switch_select(scores, logits, k, decode_token_bound, live?, router_weight, site) -> (values, indices)
+lynx::switch_select(scores, logits, k, decode_token_bound, live?, router_weight, site, num_routed=-1)
+    -> (values, indices)
     Calibration only: batch_select whose setting is looked up at run time, per site, in the
     active `switch_select.use_settings` table (plain top-k where it names none), so one compiled
     graph serves every setting calibration tries. Opaque to Inductor (its Python body runs eagerly).
@@ -59,13 +62,13 @@ _lib = torch.library.Library("lynx", "FRAGMENT")  # noqa: TOR901 - kept alive fo
 EXPERT_OPERANDS = ("Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate, Tensor? b_up, Tensor? b_down, "
                    "str activation, float alpha=1.702, float limit=7.0")  # ExpertWeights' fields, flat
 _lib.define("batch_select(Tensor scores, Tensor logits, int k, str policy, float[] params, "
-            "SymInt decode_token_bound, Tensor? live=None) -> (Tensor, Tensor)")
+            "SymInt decode_token_bound, Tensor? live=None, int num_routed=-1) -> (Tensor, Tensor)")
 _lib.define("select_experts_cpu(Tensor scores, Tensor logits, Tensor plain_indices, int k, str policy, float[] params, "
             "SymInt decode_token_bound, Tensor? live=None) -> (Tensor, Tensor)")
 _lib.define("observe_selection(Tensor plain_indices, Tensor chosen_indices, Tensor router_weight, int num_experts, "
             "SymInt decode_token_bound, str site, Tensor? voters=None, int expert_budget=-1) -> Tensor")
 _lib.define("switch_select(Tensor scores, Tensor logits, int k, SymInt decode_token_bound, Tensor? live, "
-            "Tensor router_weight, str site) -> (Tensor, Tensor)")
+            "Tensor router_weight, str site, int num_routed=-1) -> (Tensor, Tensor)")
 _lib.define(f"moe_experts(Tensor hidden, Tensor topk_weights, Tensor topk_ids, {EXPERT_OPERANDS}) -> Tensor")
 
 
@@ -87,11 +90,19 @@ def decode_params(policy: str, values) -> dict[str, int | float]:
     return {name: kind(value) for (name, kind), value in zip(types.items(), values)}
 
 
-def _batch_select_impl(scores, logits, k, policy, params, decode_token_bound, live=None):
-    return selection.batch_select(scores, logits, k, policy, decode_params(policy, params), decode_token_bound, live)
+def routed_columns(num_routed: int) -> int | None:
+    """The ops' `num_routed` (-1: every column is a real expert) -> selection's (None)."""
+    return None if num_routed < 0 else num_routed
 
 
-def _check_select_inputs(scores, logits, k, live):
+def _batch_select_impl(scores, logits, k, policy, params, decode_token_bound, live=None, num_routed=-1):
+    return selection.batch_select(scores, logits, k, policy, decode_params(policy, params), decode_token_bound, live,
+                                  routed_columns(num_routed))
+
+
+def _check_select_inputs(scores, logits, k, live, num_routed=-1):
+    if not -1 <= num_routed <= scores.shape[-1]:
+        raise ValueError(f"batch_select: num_routed={num_routed} outside [-1, E={scores.shape[-1]}]")
     if scores.dim() != 2 or logits.shape != scores.shape:
         raise ValueError(f"batch_select: expected scores and logits of one (T, E) shape, got "
                          f"{tuple(scores.shape)} and {tuple(logits.shape)}")
@@ -101,8 +112,8 @@ def _check_select_inputs(scores, logits, k, live):
         raise ValueError(f"batch_select: live must be a (T,) bool mask, got {live.dtype} {tuple(live.shape)}")
 
 
-def _batch_select_fake(scores, logits, k, policy, params, decode_token_bound, live=None):
-    _check_select_inputs(scores, logits, k, live)
+def _batch_select_fake(scores, logits, k, policy, params, decode_token_bound, live=None, num_routed=-1):
+    _check_select_inputs(scores, logits, k, live, num_routed)
     decode_params(policy, params)
     num_tokens = scores.shape[0]
     return scores.new_empty((num_tokens, k)), scores.new_empty((num_tokens, k), dtype=torch.int64)
@@ -134,8 +145,8 @@ def _observe_fake(plain_indices, chosen_indices, router_weight, num_experts, dec
     return torch.empty_like(chosen_indices)
 
 
-def _switch_select_fake(scores, logits, k, decode_token_bound, live, router_weight, site):
-    _check_select_inputs(scores, logits, k, live)
+def _switch_select_fake(scores, logits, k, decode_token_bound, live, router_weight, site, num_routed=-1):
+    _check_select_inputs(scores, logits, k, live, num_routed)
     num_tokens = scores.shape[0]
     return scores.new_empty((num_tokens, k)), scores.new_empty((num_tokens, k), dtype=torch.int64)
 

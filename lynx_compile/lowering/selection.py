@@ -46,13 +46,14 @@ def batch_select(
     params: Mapping[str, int | float],  # the policy's parameters, resolved (policies.PARAMETERS)
     decode_token_bound: int = NO_DECODE_BOUND,
     live: torch.Tensor | None = None,  # (T,) bool or None (every row votes)
+    num_routed: int | None = None,  # columns from here on are zero-compute experts (free); None: none
 ) -> tuple[torch.Tensor, torch.Tensor]:  # values (T, k) scores.dtype, indices (T, k) int64
     """`policy`'s selection on decode batches (`is_decode`), plain top-k otherwise.
 
     Raises ValueError for an unknown policy or parameters the policy does not take."""
     plain_values, plain_indices = plain_topk(scores, k)
     preferences = policies.preferences(policy, scores, logits, k, **params)
-    values, indices = select_experts(scores, logits, k, preferences, live, plain_indices)
+    values, indices = select_experts(scores, logits, k, preferences, live, plain_indices, num_routed)
     if isinstance(decode_token_bound, int) and decode_token_bound == NO_DECODE_BOUND:
         return values, indices
     decode = is_decode(scores.new_full((), scores.shape[0], dtype=torch.int64), decode_token_bound)  # () bool

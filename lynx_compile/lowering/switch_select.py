@@ -59,11 +59,13 @@ def use_settings(model: torch.nn.Module, settings: dict[str, SiteSetting]) -> It
 
 def switch_select(scores: torch.Tensor, logits: torch.Tensor, k: int, decode_token_bound: int,
                   live: torch.Tensor | None, router_weight: torch.Tensor,
-                  site: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  site: str, num_routed: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """lynx::switch_select's body: the active setting of this site on decode batches, plain top-k
     otherwise; reports to an active record() like a recording graph would.
 
-    scores, logits: (T, E); live: (T,) bool or None; router_weight: (E, H), names the site."""
+    scores, logits: (T, E); live: (T,) bool or None; router_weight: (E, H), names the site;
+    num_routed: columns from it on are zero-compute experts (-1: none)."""
+    routed = None if num_routed < 0 else num_routed
     table = active_table()
     name = table.site_name(site, router_weight) if table is not None else site
     setting = table.settings.get(name) if table is not None else None
@@ -72,8 +74,8 @@ def switch_select(scores: torch.Tensor, logits: torch.Tensor, k: int, decode_tok
     values, indices = plain_values, plain_indices
     if decode and setting is not None and setting.selects:
         values, indices = selection.batch_select(scores, logits, k, setting.policy, setting.params_dict(),
-                                                 selection.NO_DECODE_BOUND, live)
+                                                 selection.NO_DECODE_BOUND, live, routed)
     if active_recorder() is not None:
-        report_selection(name, plain_indices, indices, router_weight, scores.shape[1], decode,
+        report_selection(name, plain_indices, indices, router_weight, routed or scores.shape[1], decode,
                          voting_rows(scores, logits, k, live), setting.reported_budget if setting else None)
     return values, indices

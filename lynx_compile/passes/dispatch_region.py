@@ -9,6 +9,13 @@ exactly: the ids, one (T, H) hidden state, one (T, k) routing weight, parameters
 (weights (E, ., .), biases (E, .)) and sizes. Anything else is reported, with the node it reads,
 and the dispatch is left as written.
 
+Under expert parallelism (a proven id mapping, `expert_parallel.py`) the region starts at this
+rank's local ids, whose value L marks a pair another rank serves, and reads the rank's L experts:
+
+    before: local = where(off_rank, L, ids % L); w = masked_fill(weights, off_rank, 0.0)
+            sort(local) ... histc(L bins) ... masks of local >= L ... grouped GEMMs -> (T, H)
+    after:  lynx.moe_experts(hidden, w, local, <views of the rank's L experts>)   # id L adds nothing
+
 What the region computes is proven separately (`expert_layout.py`); replacing it is
 `fuse_experts.py`'s job.
 """
@@ -42,10 +49,16 @@ class Dispatch:
     inputs: list[Node]  # every region input, in the order the region module takes them
     nodes: list[Node]  # the region, in graph order
     kind: str  # which dispatch it reads like (for explain)
+    sentinel: bool = False  # ids may hold E (the params' rows): "served by another rank", adds nothing
 
 
 def find_dispatch_region(graph: Graph, site: RoutingSite) -> Dispatch | str:
-    ids = fm.getitem_users(site.topk).get(1)
+    if site.parallel is not None:  # this rank's local ids and experts
+        ids, num_experts = site.parallel.local_ids, site.parallel.local_experts
+    elif site.zero_experts is not None:  # the ids the real experts run (zero-compute pairs parked)
+        ids, num_experts = site.zero_experts.real_ids, site.zero_experts.num_experts
+    else:
+        ids, num_experts = fm.getitem_users(site.topk).get(1), site.num_experts
     if ids is None:
         return "the top-k indices are unused"
     ids_shape = fm.shape_of(ids)
@@ -56,8 +69,9 @@ def find_dispatch_region(graph: Graph, site: RoutingSite) -> Dispatch | str:
     for candidate in sorted(downstream, key=order.__getitem__):
         if candidate.op != "call_function" or not _is_tokens_by_hidden(candidate, ids_shape[0], hidden_size):
             continue
-        region = _region(candidate, ids, downstream, ids_shape, hidden_size, site.num_experts, order)
+        region = _region(candidate, ids, downstream, ids_shape, hidden_size, num_experts, order)
         if isinstance(region, Dispatch):
+            region.sentinel = site.parallel is not None
             return region
         if region != "skip":
             return region

@@ -1,8 +1,9 @@
 """Prove what an expert-dispatch region computes: which `ExpertLayout` of its parameters makes
 `fused_moe_reference` compute the same thing.
 
-The region (`dispatch_region.py`) is run once on random inputs (real shapes, small values) and
-compared with `fused_moe_reference` for each way the parameters can be gate / up / down (fused or
+The region (`dispatch_region.py`) is run once on random inputs (real shapes, small values; under
+expert parallelism, with a third of the ids set to the "another rank" sentinel E) and compared
+with `fused_moe_reference` for each way the parameters can be gate / up / down (fused or
 separate, concatenated or interleaved halves, transposed or not, biases, SiLU or GPT-OSS's
 clamped SwiGLU, whose alpha and limit are drawn from the region's own float literals); the first
 that matches is used. A region that matches none stays exactly as it was, with the reason in
@@ -130,7 +131,7 @@ def _signature(dispatch: Dispatch) -> str:
         return repr(map_arg(args, lambda node: f"%{position[node]}"))
 
     steps = [f"{fm.op_name(n)}{numbered(n.args)}{numbered(n.kwargs)}" for n in dispatch.nodes]
-    return "\n".join([repr(shapes), *steps])
+    return "\n".join([repr(shapes), f"sentinel={dispatch.sentinel}", *steps])
 
 
 def _candidates(params: list[torch.Tensor], hidden_size: int, constants: set[float] = frozenset()) -> list[ExpertLayout]:
@@ -195,6 +196,10 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
     # Passes run under the graph's fake mode; the check needs real tensors.
     with unset_fake_temporarily(), torch.no_grad():
         real = [_example(v, generator, num_tokens, num_experts, top_k) for v in values]
+        if dispatch.sentinel:  # about a third of the pairs served by another rank (id E), one token wholly
+            served_elsewhere = torch.rand(real[2].shape, generator=generator) < 0.35
+            served_elsewhere[0] = True
+            real[2] = real[2].masked_fill(served_elsewhere.to(real[2].device), num_experts)
         try:
             expected = region(*real)
         except Exception as error:  # noqa: BLE001 - report, leave the graph as it was

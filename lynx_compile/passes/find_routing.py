@@ -18,6 +18,8 @@ called. A top-k is a routing site when all three hold:
              over E classes or a custom op taking the indices needs to count as a dispatch.
            - under expert parallelism, through a proven global -> local id mapping
              (`expert_parallel.py`) to a dispatch over this rank's E/R experts.
+           - with zero-compute experts (columns that do no work), through a proven split
+             (`zero_experts.py`) whose real ids reach a dispatch over the E real experts.
            Indices that only leave the graph, are one-hot encoded or feed a custom op, with no
            expert-holding module next to the router, are what a vocabulary or candidate top-k
            (draft trees, candidate lists) does too: not routing.
@@ -42,10 +44,11 @@ from torch.fx import Graph, Node
 from ..config import LynxConfig
 from ..policies import SiteSetting
 from . import fx_match as fm
-from .expert_parallel import match_expert_parallel
+from .expert_parallel import ExpertParallelMapping, match_expert_parallel
 from .frame import FrameFacts
 from .fx_match import aten, prims
 from .phase import PhaseDecision, decide_phase
+from .zero_experts import ZeroExpertMapping, match_zero_experts
 
 
 @dataclasses.dataclass
@@ -60,6 +63,9 @@ class RoutingSite:
     num_experts: int | None = None
     top_k: int | None = None
     dispatch: str | None = None  # how the indices are consumed
+    floor_mask: Node | None = None  # the top-k input, when it masks with a constant floor, not -inf
+    parallel: ExpertParallelMapping | None = None  # the proven expert-parallel id mapping, if any
+    zero_experts: ZeroExpertMapping | None = None  # the proven split into real and zero-compute experts
     logits: Node | None = None  # router linear output (affinity, logit space)
     router_weight: Node | None = None  # the (E, H) parameter, as a graph input
     phase: PhaseDecision | None = None
@@ -71,6 +77,11 @@ class RoutingSite:
     @property
     def label(self) -> str:
         return self.module_path or self.topk.name
+
+    @property
+    def routed_experts(self) -> int | None:
+        """The columns that are real experts (E without the zero-compute ones)."""
+        return self.zero_experts.num_experts if self.zero_experts is not None else self.num_experts
 
     @property
     def fusable(self) -> bool:
@@ -119,27 +130,36 @@ def classify_topk(topk: Node, config: LynxConfig, frame: FrameFacts = FrameFacts
         site.reason = f"{num_experts} columns > max_experts={config.max_experts}: a vocabulary, not experts"
         return site
 
-    router = trace_router(scores, num_experts)
+    floored = floor_masked_input(scores)
+    router = trace_router(scores if floored is None else floored, num_experts)
     if isinstance(router, str):
         site.reason = router
         return site
     site.logits, site.router_form = router
+    if floored is not None:
+        site.floor_mask = scores
+        site.router_form += f", masked with {_fill_of(scores)}"
     if rounds:
         site.router_form += f", top-k as {rounds} rounds of max + mask"
     site.router_weight = router_weight(site.logits)
 
     dispatch = find_dispatch(topk, num_experts, lambda n: router_holds_experts(site.logits, n, frame))
-    if dispatch.startswith("not routing"):
-        site.reason = dispatch
+    if not dispatch.routes:
+        site.reason = dispatch.description
         return site
-    site.dispatch = dispatch
+    site.dispatch, site.parallel, site.zero_experts = dispatch.description, dispatch.parallel, dispatch.zero_experts
     site.is_routing = True
 
     site.phase = decide_phase(site.logits, config)
     site.reason = site.phase.reason
     if site.phase.fuses:  # a lone token's setting too: it decides whether its dispatch is fused
-        site.setting = config.site_setting(site.label, num_experts, k)
+        site.setting = config.site_setting(site.label, num_experts, k, parallel_ranks(site.parallel))
     return site
+
+
+def parallel_ranks(parallel: ExpertParallelMapping | None) -> int | None:
+    """The expert-parallel ranks a site's proven mapping shards its experts over (None: no EP)."""
+    return parallel.ranks if parallel is not None else None
 
 
 def _arg(node: Node, index: int, name: str, default: object) -> object:
@@ -275,6 +295,60 @@ def _masked_input(node: Node) -> Node | None:
     return None
 
 
+def floor_masked_input(node: Node) -> Node | None:
+    """x if node is where(mask, c, x) / where(mask, x, c) with a constant c <= 0 and x scores that
+    are positive wherever finite (a softmax or a sigmoid: DeepSeek-V2's group limit fills 0.0).
+
+    Why such a mask is the -inf mask for a top-k: every unmasked score is > 0 >= c, so the masked
+    experts rank below all others, exactly where -inf puts them (up to an unmasked score that
+    underflows to exactly 0.0, whose slot then weighs 0 either way). The rewrite hands selection
+    the -inf form (`neg_inf_mask`), so a masked expert is never eligible."""
+    if not fm.is_call(node, aten.where.self):
+        return None
+    _cond, a, b = node.args
+    for fill, x in ((a, b), (b, a)):
+        if _constant(fill) is not None and _constant(fill) <= 0 and isinstance(x, Node) and _positive(x):
+            return x
+    return None
+
+
+def neg_inf_mask(graph: Graph, floor_mask: Node) -> Node:
+    """Insert (at the current insertion point) floor_mask's where with its constant fill replaced
+    by -inf: the same scores where unmasked, ineligible where masked."""
+    cond, a, b = floor_mask.args
+    fill_first = _constant(a) is not None and isinstance(b, Node) and _positive(b)
+    value = fm.fake_value(floor_mask)
+    neg_inf = graph.call_function(aten.scalar_tensor.default, (float("-inf"),),
+                                  {"dtype": value.dtype, "device": value.device})
+    neg_inf.meta["val"] = value.new_empty(())
+    masked = graph.call_function(aten.where.self, (cond, neg_inf, b) if fill_first else (cond, a, neg_inf))
+    masked.meta["val"] = value.new_empty(value.shape)
+    return masked
+
+
+def _constant(node: object) -> float | None:
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    if fm.is_call(node, aten.scalar_tensor.default) and isinstance(node.args[0], (int, float)):
+        return float(node.args[0])
+    if fm.is_call(node, aten.full.default) and node.args[0] in ([], ()) and isinstance(node.args[1], (int, float)):
+        return float(node.args[1])
+    return None
+
+
+def _fill_of(where: Node) -> str:
+    _cond, a, b = where.args
+    fill = _constant(a) if _constant(a) is not None else _constant(b)
+    return f"{fill:g}"
+
+
+def _positive(node: Node) -> bool:
+    """Scores > 0 wherever finite: a softmax over the last dim or a sigmoid (through dtype casts)."""
+    while fm.is_call(node, prims.convert_element_type.default):
+        node = node.args[0]
+    return _softmax_input(node) is not None or fm.is_call(node, aten.sigmoid.default)
+
+
 def _is_neg_inf(node: object) -> bool:
     if node == float("-inf"):
         return True
@@ -299,11 +373,26 @@ def _no_expert_module(num_experts: int) -> bool:
     return False
 
 
-def find_dispatch(topk: Node, num_experts: int, holds_experts: Callable[[int], bool] = _no_expert_module) -> str:
-    """Describe how the top-k indices reach an expert dispatch, or say why they do not."""
+@dataclasses.dataclass(frozen=True)
+class DispatchEvidence:
+    """How a top-k's indices reach an expert dispatch ("sorted by expert", ...), or why they do
+    not ("not routing: ..."), and the expert-parallel mapping they go through on the way."""
+
+    description: str
+    parallel: ExpertParallelMapping | None = None
+    zero_experts: ZeroExpertMapping | None = None
+
+    @property
+    def routes(self) -> bool:
+        return not self.description.startswith("not routing")
+
+
+def find_dispatch(topk: Node, num_experts: int,
+                  holds_experts: Callable[[int], bool] = _no_expert_module) -> DispatchEvidence:
+    """How the top-k indices reach an expert dispatch, or why they do not."""
     indices = fm.getitem_users(topk).get(1)
     if indices is None or not indices.users:
-        return "not routing: the indices are unused (e.g. a top-k sampling threshold)"
+        return DispatchEvidence("not routing: the indices are unused (e.g. a top-k sampling threshold)")
     return dispatch_of([indices], num_experts, holds_experts)
 
 
@@ -312,7 +401,8 @@ def find_dispatch(topk: Node, num_experts: int, holds_experts: Callable[[int], b
 _NEEDS_EXPERT_MODULE = ("deferred to the next graph", "one-hot over experts", "custom op", "scattered into")
 
 
-def dispatch_of(indices: list[Node], num_experts: int, holds_experts: Callable[[int], bool] = _no_expert_module) -> str:
+def dispatch_of(indices: list[Node], num_experts: int,
+                holds_experts: Callable[[int], bool] = _no_expert_module) -> DispatchEvidence:
     """How these expert-index tensors reach an expert dispatch, or why they do not.
 
     holds_experts(n): the router's module sits in one that holds n stacked experts
@@ -320,15 +410,29 @@ def dispatch_of(indices: list[Node], num_experts: int, holds_experts: Callable[[
     experts (`expert_parallel.py`) must reach a dispatch over the rank's L experts."""
     mapping = match_expert_parallel(indices, num_experts)
     if isinstance(mapping, str):
-        return mapping
+        return DispatchEvidence(mapping)
     if mapping is not None:
         # the experts' forward may clamp the sentinel into range before gathering (and mask its rows)
         clamped = [u for u in fm.layout_users(mapping.local_ids)
                    if fm.is_call(u, aten.clamp.default, aten.clamp_max.default)]
-        local = dispatch_of([mapping.local_ids, *clamped], mapping.local_experts, holds_experts)
+        local = _evidence([mapping.local_ids, *clamped], mapping.local_experts, holds_experts)
         if local.startswith("not routing"):
-            return f"{local} (after the expert-parallel mapping: {mapping.describe()})"
-        return f"{mapping.describe()}; local ids: {local}"
+            return DispatchEvidence(f"{local} (after the expert-parallel mapping: {mapping.describe()})")
+        return DispatchEvidence(f"{mapping.describe()}; local ids: {local}", mapping)
+    zero = match_zero_experts(indices, num_experts)
+    if isinstance(zero, str):
+        return DispatchEvidence(zero)
+    if zero is not None:
+        real = _evidence([zero.real_ids], zero.num_experts, holds_experts)
+        if real.startswith("not routing"):
+            return DispatchEvidence(f"{real} (after the zero-compute split: {zero.describe()})")
+        return DispatchEvidence(f"{zero.describe()}; real ids: {real}", zero_experts=zero)
+    return DispatchEvidence(_evidence(indices, num_experts, holds_experts))
+
+
+def _evidence(indices: list[Node], num_experts: int, holds_experts: Callable[[int], bool]) -> str:
+    """The dispatch evidence of ids used directly (no expert-parallel mapping), or why they are
+    not routing."""
     expert_module = holds_experts(num_experts)
     evidence: list[str] = []
     for user in (user for node in indices for user in fm.layout_users(node)):

@@ -28,8 +28,10 @@ tensor computed from the stacked expert weights and checks its inputs; `expert_l
 by running it once on example inputs, which views of the parameters make `fused_moe_reference`
 compute the same thing; this module replaces the region (or reports why it stays). A lone
 token's site (T=1, a B=1 decode step: nothing to select) is fused too, since the fused op reads its
-k experts faster than the model's dispatch on the CPUs measured. A site whose setting does not
-select keeps its dispatch under `experts="auto"`; so does a dispatch no
+k experts faster than the model's dispatch on the CPUs measured. Under expert parallelism the
+rank's own dispatch (its local ids, the sentinel for pairs other ranks serve, its L experts) is
+fused the same way: the op reads only this rank's experts that the batch selected. A site whose
+setting does not select keeps its dispatch under `experts="auto"`; so does a dispatch no
 lynx kernel takes (dtype, device), and one `experts="auto"` finds faster as the model wrote it on
 this CPU (`lowering/kernels/choice.py`).
 """
@@ -47,6 +49,8 @@ from . import fx_match as fm
 from .dispatch_region import Dispatch, find_dispatch_region
 from .expert_layout import ExpertLayout, match_layout
 from .find_routing import RoutingSite
+from .fx_match import aten
+from .zero_experts import parked_weights_are_zero
 from .fuse_experts_inductor import emit_grouped_mm, plan_grouped_mm
 
 
@@ -59,16 +63,15 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
         if config.experts == "keep" or (config.experts == "auto" and not site.setting.selects):
             site.experts = f"kept: experts={config.experts!r}"
             continue
-        if site.dispatch.startswith("expert parallel"):
-            # The rank's dispatch runs its L local experts on remapped ids with a sentinel and an
-            # all-reduce after it: a layout fuse_experts does not match yet, so it stays as written.
-            site.experts = "kept: expert parallel, this rank's dispatch over its local experts is left as written"
-            continue
         found = find_dispatch_region(graph, site)
         if isinstance(found, str):
             site.experts = f"kept: {found}"
             continue
         inductor = config.experts == "inductor"  # grouped GEMMs Inductor compiles (fuse_experts_inductor.py)
+        if inductor and found.sentinel:
+            site.experts = ("kept: expert parallel, experts='inductor' has no 'another rank' id; "
+                            "experts='fused' fuses this rank's dispatch")
+            continue
         unsupported = None if inductor else unsupported_reason(
             *(fm.fake_value(node) for node in (found.hidden, *found.params)))
         if unsupported:
@@ -92,10 +95,32 @@ def fuse_expert_dispatches(graph: Graph, sites: list[RoutingSite], config: LynxC
             site.experts = (f"fused: {found.kind} dispatch -> {plan.num_grouped_mm} aten._grouped_mm for Inductor "
                             f"({layout.describe()})")
         else:
+            parked = _park_on_no_expert(graph, site, found)
             _replace(graph, found, layout)
-            site.experts = f"fused: {found.kind} dispatch -> lynx.moe_experts ({layout.describe()})"
+            rank = f", this rank's {site.parallel.local_experts} experts" if found.sentinel else ""
+            site.experts = f"fused: {found.kind} dispatch -> lynx.moe_experts ({layout.describe()}{rank}{parked})"
         fused += 1
     return fused
+
+
+def _park_on_no_expert(graph: Graph, site: RoutingSite, dispatch: Dispatch) -> str:
+    """Zero-compute pairs: give the fused op the "no expert" id E instead of the model's parking
+    id, so they read no expert. Valid where the parked pairs' weights are exactly 0 (the model's
+    where(zero, 0.0, w)): the model adds 0 * y for them, the op adds nothing; the two differ only
+    if the parking expert's output is inf or NaN. Returns what to say in `explain`."""
+    zero = site.zero_experts
+    if zero is None:
+        return ""
+    if not parked_weights_are_zero(dispatch.weights, zero.zero):
+        return "; zero-compute pairs run on their parking experts (their weights are not proven 0)"
+    ids_value = fm.fake_value(dispatch.ids)
+    with graph.inserting_before(dispatch.output):
+        no_expert = graph.call_function(aten.scalar_tensor.default, (zero.num_experts,), {"dtype": ids_value.dtype})
+        no_expert.meta["val"] = ids_value.new_empty(())
+        ids = graph.call_function(aten.where.self, (zero.zero, no_expert, dispatch.ids))
+        ids.meta["val"] = ids_value.new_empty(ids_value.shape)
+    dispatch.ids = ids
+    return "; zero-compute pairs read no expert"
 
 
 def _replace(graph: Graph, dispatch: Dispatch, layout: ExpertLayout, emit=None) -> None:

@@ -39,7 +39,7 @@ from torch.fx import Graph, Node
 from .. import policies
 from ..lowering import selection
 from ..lowering.kernels import select_experts_cpu as cpu_kernel
-from ..lowering.ops import batch_select, decode_params, observe_selection, select_experts_cpu
+from ..lowering.ops import batch_select, decode_params, observe_selection, routed_columns, select_experts_cpu
 from ..policies.contract import voting_rows
 from . import fx_match as fm
 from .fx_match import aten
@@ -67,13 +67,14 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _kernel_takes(node: Node) -> bool:
     """Whether the CPU kernel runs this site: CPU tensors of a dtype it reads exactly, and built."""
     scores, logits = (fm.fake_value(arg) for arg in node.args[:2])
-    policy = _arguments(node)[3]
+    policy, num_routed = _arguments(node)[3], _arguments(node)[7]
     return (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES and logits.dtype in _KERNEL_DTYPES
-            and policy in cpu_kernel.KERNEL_POLICIES and cpu_kernel.use_kernel())
+            and policy in cpu_kernel.KERNEL_POLICIES and cpu_kernel.use_kernel()
+            and num_routed < 0)  # zero-compute experts: the aten body (the kernel has no free columns yet)
 
 
 def _call_kernel(graph: Graph, node: Node) -> None:
-    scores, logits, k, policy, encoded, bound, live = _arguments(node)
+    scores, logits, k, policy, encoded, bound, live, _ = _arguments(node)
     scores_value = fm.fake_value(scores)
     with graph.inserting_before(node):
         plain = graph.call_function(aten.topk.default, (scores, k))
@@ -89,7 +90,8 @@ def _call_kernel(graph: Graph, node: Node) -> None:
 
 
 def _lower_one(graph: Graph, node: Node, record: bool) -> None:
-    scores, logits, k, policy, encoded, bound, live = _arguments(node)
+    scores, logits, k, policy, encoded, bound, live, num_routed = _arguments(node)
+    routed = routed_columns(num_routed)
     params = decode_params(policy, encoded)
     site_label, router_weight = node.meta["lynx_site"]
     budget = policies.reported_budget(policy, params)
@@ -101,11 +103,11 @@ def _lower_one(graph: Graph, node: Node, record: bool) -> None:
         given = dict(zip(traced_inputs, node_values))
         token_bound, live_value = given.get("bound", bound), given.get("live")
         values, indices = selection.batch_select(scores_value, logits_value, k, policy, params, token_bound,
-                                                 live_value)
+                                                 live_value, routed)
         if record:
             plain = torch.topk(scores_value, k, dim=-1).indices
             voters = voting_rows(scores_value, logits_value, k, live_value)
-            indices = observe_selection(plain, indices, weight_value, scores_value.shape[1], token_bound,
+            indices = observe_selection(plain, indices, weight_value, routed or scores_value.shape[1], token_bound,
                                         site_label, voters, -1 if budget is None else budget)
         return values, indices
 
@@ -120,8 +122,8 @@ def _lower_one(graph: Graph, node: Node, record: bool) -> None:
 
 
 def _arguments(node: Node) -> tuple:
-    """The node's (scores, logits, k, policy, params, decode_token_bound, live), defaults filled in
-    from the op's schema."""
+    """The node's (scores, logits, k, policy, params, decode_token_bound, live, num_routed),
+    defaults filled in from the op's schema."""
     schema = node.target._schema
     values = list(node.args)
     for argument in schema.arguments[len(values):]:

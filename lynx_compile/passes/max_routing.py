@@ -18,9 +18,14 @@ After (only where the site will be rewritten: a decode routing site under a sele
     w0 -> select(topk[0], 1, 0); i1 -> select(topk[1], 1, 1); ...    # any other use of a round
 
 and the top-k is then found, fused and rewritten like any other routing site; the rounds die.
-A round is `max.dim` (value and index) or `argmax` (its value, if used, gathered from the scores);
-a mask is `scatter(-inf)` at the index, or `where` / `masked_fill` with -inf on `index == iota(E)`
-(one_hot). Detection is structural, by these shapes, never by model name.
+A round is `max.dim` (value and index; with keepdim, PhiMoE's (T, 1) form) or `argmax` (its
+value, if used, gathered from the scores); a mask is `scatter(-inf)` at the index, or `where` /
+`masked_fill` with -inf on `index == iota(E)` (one_hot). Detection is structural, by these shapes,
+never by model name. The rounds' values and the scores left after a round may also feed the
+model's routing weights (PhiMoE's sparse mixer: a threshold relative to the round's max, a
+softmax over what survives it, gathered at the round's expert); after the rewrite they are the
+chosen experts' scores and the scores left after the chosen experts, so the model's own weight
+formula is evaluated at the new choice.
 
 Why it is valid: k rounds of "take the max, mask it to -inf" give the k largest scores in
 descending order with their experts, which is `topk(scores, k)` (sorted); only exact ties may come
@@ -38,7 +43,7 @@ from torch.fx import Graph, Node
 
 from ..config import LynxConfig
 from . import fx_match as fm
-from .find_routing import RoutingSite, dispatch_of, router_holds_experts, trace_router
+from .find_routing import RoutingSite, dispatch_of, parallel_ranks, router_holds_experts, trace_router
 from .frame import FrameFacts
 from .fx_match import aten, prims
 from .phase import decide_phase
@@ -52,9 +57,10 @@ class Round:
 
     source: Node  # (T, E)
     op: Node  # aten.max.dim or aten.argmax
-    index: Node  # (T,) the chosen expert
-    value: Node | None  # (T,) its score, where the model uses it
+    index: Node  # (T,) the chosen expert ((T, 1) with keepdim)
+    value: Node | None  # (T,) its score, where the model uses it ((T, 1) with keepdim)
     mask: Node | None = None  # (T, E) the source with the chosen expert masked to -inf
+    keepdim: bool = False  # max.dim(..., keepdim=True): index and value keep a (T, 1) shape
 
 
 @dataclasses.dataclass
@@ -105,7 +111,11 @@ def find_max_chains(graph: Graph, config: LynxConfig) -> list[MaxChain]:
         num_experts = fm.shape_of(node)[1]
         if len(rounds) >= num_experts:  # a full sort, not a routing choice
             continue
-        chains.append(MaxChain(rounds, _stack_of([r.index for r in rounds]), _stack_of([r.value for r in rounds])))
+        if len({r.keepdim for r in rounds}) > 1:  # mixed shapes: not one routing choice
+            continue
+        keepdim = rounds[0].keepdim
+        chains.append(MaxChain(rounds, _stack_of([r.index for r in rounds], keepdim),
+                               _stack_of([r.value for r in rounds], keepdim)))
     return chains
 
 
@@ -120,16 +130,20 @@ def _round_at(scores: Node) -> Round | None:
         if fm.is_call(user, aten.max.dim) and user.args[0] is scores and _last_dim(user):
             outputs = fm.getitem_users(user)
             if 1 in outputs:
-                return Round(scores, user, outputs[1], outputs.get(0))
-        if fm.is_call(user, aten.argmax.default) and user.args[0] is scores and _last_dim(user):
+                return Round(scores, user, outputs[1], outputs.get(0), keepdim=_keepdim(user))
+        if fm.is_call(user, aten.argmax.default) and user.args[0] is scores and _last_dim(user) \
+                and not _keepdim(user):
             return Round(scores, user, user, _gathered_value(scores, user))
     return None
 
 
 def _last_dim(node: Node) -> bool:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    return dim in (-1, 1) and not keepdim
+    return dim in (-1, 1)
+
+
+def _keepdim(node: Node) -> bool:
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
 
 
 def _gathered_value(scores: Node, index: Node) -> Node | None:
@@ -153,8 +167,11 @@ def _mask_of(round_: Round) -> Node | None:
     source, index = round_.source, round_.index
     for user in source.users:
         if fm.is_call(user, aten.scatter.value) and user.args[0] is source and user.args[1] in (1, -1) \
-                and _is_unsqueezed(user.args[2], index) and user.args[3] == NEG_INF:
+                and (user.args[2] is index if round_.keepdim else _is_unsqueezed(user.args[2], index)) \
+                and user.args[3] == NEG_INF:
             return user
+        if round_.keepdim:  # the one-hot masks below compare an unsqueezed (T,) index
+            continue
         if fm.is_call(user, aten.where.self) and user.args[2] is source and _is_neg_inf(user.args[1]) \
                 and _is_one_hot(user.args[0], index):
             return user
@@ -182,9 +199,15 @@ def _is_one_hot(node: object, index: Node) -> bool:
     return False
 
 
-def _stack_of(parts: list[Node | None]) -> Node | None:
-    """cat([unsqueeze(p, 1) for p in parts], -1), if the model builds it."""
+def _stack_of(parts: list[Node | None], keepdim: bool = False) -> Node | None:
+    """cat([unsqueeze(p, 1) for p in parts], -1) (keepdim rounds: cat(parts, -1)), if the model
+    builds it."""
     if not parts or any(p is None for p in parts):
+        return None
+    if keepdim:
+        for cat in parts[0].users:
+            if fm.is_call(cat, aten.cat.default) and _cat_dim(cat) in (1, -1) and list(cat.args[0]) == parts:
+                return cat
         return None
     for user in parts[0].users:
         if not _is_unsqueezed(user, parts[0]):
@@ -218,15 +241,16 @@ def _classify(chain: MaxChain, config: LynxConfig, frame: FrameFacts) -> Routing
     site.router_form = f"{form}, {rounds_form}"
     indices = [chain.index_stack] if chain.index_stack is not None else [r.index for r in chain.rounds]
     dispatch = dispatch_of(indices, num_experts, lambda n: router_holds_experts(site.logits, n, frame))
-    if dispatch.startswith("not routing"):
-        site.reason = dispatch
+    if not dispatch.routes:
+        site.reason = dispatch.description
         return site
-    site.dispatch, site.is_routing = dispatch, True
+    site.dispatch, site.parallel, site.is_routing = dispatch.description, dispatch.parallel, True
+    site.zero_experts = dispatch.zero_experts
     site.phase = decide_phase(site.logits, config)
     if not site.phase.selects:
         site.reason = site.phase.reason
         return site
-    site.setting = config.site_setting(site.label, num_experts, top_k)
+    site.setting = config.site_setting(site.label, num_experts, top_k, parallel_ranks(site.parallel))
     if not site.setting.selects:
         site.reason = "not rewritten: policy 'none' (max-rounds router left as written)"
         return site
@@ -238,16 +262,44 @@ def _classify(chain: MaxChain, config: LynxConfig, frame: FrameFacts) -> Routing
 
 
 def _masked_scores_used_elsewhere(chain: MaxChain) -> Node | None:
-    """A use of a round's masked scores other than the next round's max, value and mask."""
+    """A use of a round's masked scores other than the next round's max, value and mask, or a
+    routing weight computed from them and gathered at a round's expert (`_weight_leak`)."""
     for before, after in zip(chain.rounds, chain.rounds[1:]):
         allowed = {after.op, after.mask}
         allowed |= {u for u in after.source.users if fm.is_call(u, aten.gather.default)}
         for user in before.mask.users:
             if user not in allowed:
-                return user
+                leak = _weight_leak(user, chain)
+                if leak is not None:
+                    return leak
     last_mask = chain.rounds[-1].mask
     if last_mask is not None and last_mask.users:
         return next(iter(last_mask.users))
+    return None
+
+
+def _weight_leak(start: Node, chain: MaxChain) -> Node | None:
+    """None when everything computed from `start` stays per token, (T, E) or (T, 1), until it is
+    gathered at one of the rounds' experts: a routing weight the model computes from the scores
+    left after the earlier rounds (PhiMoE's sparse mixer: a threshold mask, a softmax, a gather
+    at the next round's expert). After the rewrite those scores are the ones left after the
+    *chosen* experts, and the gather reads the chosen expert: the model's own weight formula at
+    the new choice. Else the first node that leaves that form."""
+    scores_shape = fm.shape_of(chain.scores)
+    per_token = {tuple(scores_shape), (scores_shape[0], 1)}
+    indices = {r.index for r in chain.rounds}
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if fm.is_call(node, aten.gather.default) and node.args[1] in (1, -1) and node.args[2] in indices:
+            continue  # a weight at a round's expert
+        shape = fm.shape_of(node)
+        if node.op != "call_function" or shape is None or tuple(shape) not in per_token or len(seen) > 64:
+            return node
+        stack.extend(node.users)
     return None
 
 
@@ -277,6 +329,10 @@ def _to_topk(graph: Graph, chain: MaxChain) -> None:
             if old is None or not old.users:
                 continue
             with graph.inserting_after(source):
-                column = graph.call_function(aten.select.int, (source, 1, position))
-            column.meta["val"] = fm.fake_value(source).select(1, position)
+                if round_.keepdim:  # (T, 1), as max.dim(keepdim=True) gave it
+                    column = graph.call_function(aten.slice.Tensor, (source, 1, position, position + 1))
+                    column.meta["val"] = fm.fake_value(source)[:, position:position + 1]
+                else:
+                    column = graph.call_function(aten.select.int, (source, 1, position))
+                    column.meta["val"] = fm.fake_value(source).select(1, position)
             old.replace_all_uses_with(column)

@@ -37,7 +37,7 @@ from ..lowering import selection
 from ..lowering.ops import batch_select, encode_params, observe_selection, switch_select
 from . import fx_match as fm
 from .fx_match import aten
-from .find_routing import RoutingSite
+from .find_routing import RoutingSite, neg_inf_mask
 from .live_rows import find_token_ids, live_tokens
 from .phase import batch_size_node
 
@@ -83,13 +83,28 @@ def _live_mask(graph: Graph, site: RoutingSite, config: LynxConfig, cache: dict[
     return cache[ids]
 
 
+def _scores(graph: Graph, site: RoutingSite) -> Node:
+    """What selection ranks: the top-k's input, with a constant-floor mask (DeepSeek-V2's 0.0)
+    turned into the -inf mask it ranks like, so masked experts stay ineligible. At every expert a
+    selection may choose the two are equal, so the values it returns are the model's."""
+    if site.floor_mask is None:
+        return site.topk.args[0]
+    return neg_inf_mask(graph, site.floor_mask)
+
+
+def _num_routed(site: RoutingSite) -> int:
+    """The op's num_routed: the real experts when the site has zero-compute ones, else -1."""
+    return site.zero_experts.num_experts if site.zero_experts is not None else -1
+
+
 def _rewrite(graph: Graph, site: RoutingSite, live: Node | None) -> None:
     topk = site.topk
     setting = site.setting
     with graph.inserting_before(topk):
         new = graph.call_function(
-            batch_select, (topk.args[0], site.logits, site.top_k, setting.policy,
-                           encode_params(setting.policy, setting.params_dict()), _decode_bound(site), live))
+            batch_select, (_scores(graph, site), site.logits, site.top_k, setting.policy,
+                           encode_params(setting.policy, setting.params_dict()), _decode_bound(site), live,
+                           _num_routed(site)))
     new.meta["lynx_site"] = (site.label, site.router_weight)
     _replace_topk(graph, topk, new, site.top_k)
 
@@ -97,8 +112,8 @@ def _rewrite(graph: Graph, site: RoutingSite, live: Node | None) -> None:
 def _rewrite_switchable(graph: Graph, site: RoutingSite, live: Node | None) -> None:
     topk = site.topk
     with graph.inserting_before(topk):
-        new = graph.call_function(switch_select, (topk.args[0], site.logits, site.top_k, _decode_bound(site), live,
-                                                  site.router_weight, site.label))
+        new = graph.call_function(switch_select, (_scores(graph, site), site.logits, site.top_k, _decode_bound(site),
+                                                  live, site.router_weight, site.label, _num_routed(site)))
     site.reason += "; switchable (calibration)"
     _replace_topk(graph, topk, new, site.top_k)
 
@@ -150,6 +165,6 @@ def observe_plain_sites(graph: Graph, sites: list[RoutingSite]) -> None:
             bound = _decode_bound(site)
             observed = graph.call_function(
                 observe_selection,
-                (indices, indices, site.router_weight, site.num_experts, bound, site.label))
+                (indices, indices, site.router_weight, site.routed_experts, bound, site.label))
         observed.meta["val"] = fm.fake_value(indices).clone()
         indices.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)

@@ -19,6 +19,10 @@ Legend: T tokens in the batch, E routed experts, k experts per token.
     expert a live row or their own top-k does not already need.
   Values are `scores` gathered at the chosen indices, so whatever the model does after its top-k
   (renormalize, softmax over the k values, scale) recomputes the routing weights unchanged.
+  - zero-compute experts (`num_routed`: columns from num_routed on do no work, LongCat-Flash's
+    identity experts) are free: the policy never sees them (they are not eligible to its vote),
+    they join its most preferred tier (so a token keeps or takes them by its own scores), and
+    they never count as experts the batch loads.
 
 Every line is traced into the compiled graph (`lynx::batch_select`'s body, `lowering/selection.py`),
 so it must stay free of data-dependent shapes and of Python control flow on tensor values.
@@ -77,15 +81,16 @@ def _pick(scores: torch.Tensor, token_order: torch.Tensor, tiers: list[torch.Ten
 
 
 def select_experts(scores: torch.Tensor, logits: torch.Tensor, k: int, preferences: PreferenceFn,
-                   live: torch.Tensor | None = None,
-                   plain_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   live: torch.Tensor | None = None, plain_indices: torch.Tensor | None = None,
+                   num_routed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Remap a decode batch onto the experts a policy prefers, under the contract above.
 
     scores: (T, E) what the model's top-k ranks (-inf: ineligible); logits: (T, E) router logits;
     preferences: the policy's function (see `policies/base.py`): a surviving set (E,) bool, or
     tiers of (E,) / (T, E) bool masks; live: (T,) bool or None (every row live); plain_indices:
-    `torch.topk(scores, k).indices` if the caller has it. Returns values (T, k) in scores' dtype
-    and indices (T, k) int64, like `torch.topk(scores, k)`.
+    `torch.topk(scores, k).indices` if the caller has it; num_routed: the columns that are real
+    experts (the rest do no work), None: all E. Returns values (T, k) in scores' dtype and
+    indices (T, k) int64, like `torch.topk(scores, k)`.
     """
     num_experts = scores.shape[1]
     eligible, usable = usable_rows(scores, logits, k)
@@ -93,17 +98,20 @@ def select_experts(scores: torch.Tensor, logits: torch.Tensor, k: int, preferenc
     if plain_indices is None:
         plain_indices = torch.topk(scores, k, dim=-1).indices  # (T, k)
     token_order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (T, E)
+    free = torch.arange(num_experts, device=scores.device) >= (num_experts if num_routed is None else num_routed)  # (E,)
 
-    tiers = preferences(eligible, voters, token_order)
+    tiers = preferences(eligible & ~free, voters, token_order)
     tiers = [tiers] if isinstance(tiers, torch.Tensor) else list(tiers)
+    tiers[0] = tiers[0] | free
     picked = _pick(scores, token_order, [tier & eligible for tier in tiers] + [eligible], k)  # (T, k)
-    grows = experts_used(picked, voters, num_experts).sum() > experts_used(plain_indices, voters, num_experts).sum()
+    grows = (experts_used(picked, voters, num_experts) & ~free).sum() \
+        > (experts_used(plain_indices, voters, num_experts) & ~free).sum()
     voter_indices = torch.where(grows, plain_indices, picked)
 
     if live is None:  # every usable row votes; the rest take their plain top-k
         indices = torch.where(voters.unsqueeze(1), voter_indices, plain_indices)
         return scores.gather(1, indices), indices
-    loaded = experts_used(voter_indices, voters, num_experts)  # (E,)
+    loaded = experts_used(voter_indices, voters, num_experts) | free  # (E,)
     dead_indices = _pick(scores, token_order, [loaded & eligible, eligible], k)
     indices = torch.where(voters.unsqueeze(1), voter_indices,
                           torch.where(usable.unsqueeze(1), dead_indices, plain_indices))

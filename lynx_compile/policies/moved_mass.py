@@ -29,7 +29,7 @@ The tokens that lose an expert take their next best survivor (the contract).
 
 Expert parallelism (ranks = R > 1): a step under EP waits for the rank that reads the most
 experts, rank r owning the contiguous experts [r E/R, (r+1) E/R) (transformers' and vLLM's
-layout). The drop order then takes from the fullest rank first: each routed expert's depth is
+layout, `shards.py`). The drop order then takes from the fullest rank first: each routed expert's depth is
 its place, most harmful first, among the routed experts of its own rank; experts are dropped in
 decreasing depth (ties: least harmful first), unrouted experts before any, under the same
 moved-weight budget. So the budget is spent where it lowers the most experts one rank reads
@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from ..errors import LynxOptionsError, check_int, fail
+from ..shards import shard_of
 from .base import PreferenceFn, gap_evidence, logit_gaps, rank_experts
 from .gate_mass_budget import MASS_GRID
 
@@ -103,7 +104,7 @@ def fullest_rank_first(rank: torch.Tensor, routed: torch.Tensor, ranks: int) -> 
     permutation; routed: (E,) bool. Dropping a suffix of the result takes from the shard with the
     most routed experts first. Integer keys and stable sorts only."""
     num_experts = rank.shape[0]
-    shard = torch.arange(num_experts, device=rank.device) // (num_experts // ranks)  # (E,)
+    shard = shard_of(num_experts, ranks, rank.device)  # (E,) the rank owning each expert
     by_harm = torch.argsort(rank)  # (E,) experts, the most harmful first
     in_shard = (shard[by_harm].unsqueeze(1) == torch.arange(ranks, device=rank.device)) \
         & routed[by_harm].unsqueeze(1)  # (E, R)

@@ -8,9 +8,11 @@ the style for removal in 5.28, so they are asked for by name), and with `ep_size
 the 8 whole experts; transformers' AllReduceEP maps global ids to local ones and all-reduces the
 partial outputs). For each, compiles with lynx, decodes a few steps of a batch, and writes what
 the tests compare: per variant the steps' logits, `record()`'s per-site experts (and per-rank
-view) and the lynx log's per-site decisions. Every rank writes its own JSON.
+view) and the lynx log's per-site decisions; under EP also whether a step gives the same logits
+with the rank's unselected experts poisoned. Every rank writes its own JSON.
 """
 
+import copy
 import json
 import logging
 import sys
@@ -34,6 +36,35 @@ def decode(model, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
             logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
             out.append(logits.float())
     return out
+
+
+def local_experts_read(model, ids: torch.Tensor) -> dict:
+    """One decode step under `record()`, then the same step again with every expert of this rank
+    that selection left unused poisoned with NaN: equal, finite logits show the rank read only the
+    experts selected for it. Returns {"equal": bool, "poisoned": experts poisoned per layer}."""
+    rank, layers = dist.get_rank(), model.model.layers
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        again = copy.deepcopy(cache)
+        with lynx_compile.record(model) as recorder:
+            expected = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        saved, poisoned = [], []
+        for index, layer in enumerate(layers):
+            experts = layer.mlp.experts
+            local = experts.gate_up_proj.to_local() if hasattr(experts.gate_up_proj, "to_local") else experts.gate_up_proj
+            per_rank = local.shape[0]
+            chosen = recorder.calls[f"model.layers.{index}.mlp.gate"][-1].ids_after
+            unused = [e for e in range(per_rank) if rank * per_rank + e not in chosen]
+            for param in (experts.gate_up_proj, experts.down_proj):
+                data = param.to_local() if hasattr(param, "to_local") else param.data
+                saved.append((data, data.clone()))
+                data[unused] = float("nan")
+            poisoned.append(len(unused))
+        got = model(input_ids=token, past_key_values=again, use_cache=True).logits[:, -1]
+        for data, original in saved:
+            data.copy_(original)
+    return {"equal": bool(torch.isfinite(got).all() and torch.equal(got, expected)), "poisoned": poisoned}
 
 
 class Decisions(logging.Handler):
@@ -92,6 +123,8 @@ def main(model_dir: str, out_stem: str) -> None:
                 "experts_tp": experts_tp_available(),
                 "experts": {site: [s["experts_before"], s["experts_after"]] for site, s in recorder.summary().items()},
                 "per_rank": recorder.per_rank(dist.get_world_size()), "decisions": list(decisions.lines)}
+            if prefix == "ep_" and variant == "default":
+                result[prefix + variant]["local_reads"] = local_experts_read(model, ids)
     rank = dist.get_rank()
     with open(f"{out_stem}.rank{rank}.json", "w") as f:
         json.dump(result, f)

@@ -9,7 +9,8 @@ options.
 
 Under EP (`ep_size=2`: 4 whole experts per rank, transformers' AllReduceEP) lynx selects on the
 global scores before the global -> local id mapping (`passes/expert_parallel.py`), so both ranks
-again make the same choice, and each rank's experts run the selected pairs that fall on it.
+again make the same choice (moved_mass balancing its drops over the 2 ranks, the layout's own
+count), and each rank's fused op runs only the selected pairs that fall on it.
 """
 
 import json
@@ -85,6 +86,12 @@ def one_process_default(ranks):
     return one_process(ranks[0], {})
 
 
+@pytest.fixture(scope="module")
+def one_process_two_ranks(ranks):
+    """One process with the drop order EP sites take by default (balanced over 2 ranks)."""
+    return one_process(ranks[0], {"ranks": RANKS})
+
+
 def test_every_rank_computes_what_one_process_computes(ranks, one_process_default):
     _, results = ranks
     expected = one_process_default
@@ -107,7 +114,12 @@ def test_expert_parallel_sites_are_found_and_select_the_same_experts_on_every_ra
         for line in decode_lines:
             assert "rewritten=True" in line, line
             assert f"expert parallel: {experts} experts, {experts // RANKS} per rank (rank {rank} of {RANKS})" in line
-            assert "kept: expert parallel" in line  # the local dispatch is left as written, not mis-fused
+            assert f"ranks={RANKS}) [config, ranks from the expert-parallel layout]" in line  # balanced over ranks
+            assert f"-> lynx.moe_experts (silu, gate/up concatenated fused, this rank's {experts // RANKS} experts)" \
+                in line  # the rank's own dispatch fused
+        # the rank reads only the experts selected for it: poisoning the others changes nothing
+        assert default["local_reads"]["equal"], default["local_reads"]
+        assert sum(default["local_reads"]["poisoned"]) > 0
         sites = default["experts"]
         assert len(sites) == 2
         assert all(after < before for before, after in sites.values()), sites
@@ -121,9 +133,9 @@ def test_expert_parallel_sites_are_found_and_select_the_same_experts_on_every_ra
 
 
 def test_expert_parallel_policy_none_equals_the_uncompiled_model_and_default_equals_one_process(
-        ranks, one_process_default):
+        ranks, one_process_two_ranks):
     _, results = ranks
-    expected = one_process_default
+    expected = one_process_two_ranks
     for result in results:
         for eager, none in zip(result["ep_eager"]["logits"], result["ep_none"]["logits"]):
             torch.testing.assert_close(torch.tensor(none), torch.tensor(eager), rtol=1e-4, atol=1e-4)

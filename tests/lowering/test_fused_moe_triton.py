@@ -189,6 +189,23 @@ def test_one_expert_takes_every_token_and_empty_experts_are_never_read():
     assert_close(out, ref)
 
 
+def test_the_sentinel_id_adds_nothing_and_reads_no_expert():
+    """Id E: a pair an expert-parallel rank leaves to another rank (transformers' AllReduceEP)."""
+    gen = torch.Generator().manual_seed(7)
+    num_tokens, hidden_size, inter, num_experts = 6, 32, 32, 4
+    w_gate, w_up, w_down, _, _, _ = weights(num_experts, hidden_size, inter, gen)
+    for e in (1, 3):  # never routed: reading them makes NaNs
+        w_gate[e], w_up[e], w_down[e] = float("nan"), float("nan"), float("nan")
+    ids = torch.tensor([[0, 4], [4, 4], [2, 0], [4, 2], [0, 2], [2, 4]])
+    route = torch.rand(num_tokens, 2, generator=gen)
+    hidden = torch.randn(num_tokens, hidden_size, generator=gen)
+    experts = ExpertWeights(w_gate, w_up, w_down, None, None, None, "silu")
+    out = fmt.fused_moe_triton(hidden, route, ids, experts, config=SMALL)
+    ref = fused_moe_reference(hidden, route, ids, experts)
+    assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros(hidden_size))
+    assert_close(out, ref)
+
+
 def test_default_block_table_and_strided_routing_weights():
     gen = torch.Generator().manual_seed(4)
     ids, _ = routing(5, 4, 2, gen)
@@ -257,6 +274,14 @@ def test_align_block_size(block_m, num_tokens, top_k, experts):
         assert len(pairs) > 0 and (flat[pairs.long()] == e).all()  # one expert per block, no empty block
         assert pairs.tolist() == sorted(pairs.tolist())  # stable: pair order within the run
     assert (block_expert >= 0).all() and (block_expert < num_experts).all()  # valid even past the end
+
+
+def test_align_gives_sentinel_pairs_no_slot():
+    ids = torch.tensor([[0, 8], [8, 3], [3, 8]])  # 8 = E: served by another expert-parallel rank
+    sorted_ids, block_expert, num_padded = fmt.moe_align_block_size(ids, 4, 8)
+    used = sorted_ids[:int(num_padded)]
+    assert sorted(used[used < ids.numel()].tolist()) == [0, 3, 4]  # the pairs of experts 0 and 3 only
+    assert block_expert[:int(num_padded) // 4].tolist() == [0, 3]
 
 
 def test_align_has_no_data_dependent_ops():

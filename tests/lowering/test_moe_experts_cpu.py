@@ -110,8 +110,29 @@ def test_registered_op_runs_the_kernel():
 def test_out_of_range_expert_id_is_named():
     case = list(make_case(T=3, k=2, E=4, H=16, I=8, dtype=torch.float32, layout="concatenated", biased=False))
     case[2] = torch.tensor([[0, 1], [2, 9], [3, 0]])
-    with pytest.raises(ValueError, match=r"outside \[0, 4\).*max 9"):
+    with pytest.raises(ValueError, match=r"outside \[0, 4\] \(4: no expert\).*max 9"):
         run(moe_experts_cpu, case, "silu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sentinel_id_adds_nothing_and_reads_no_expert(dtype):
+    """Id E: a pair an expert-parallel rank leaves to another rank (transformers' AllReduceEP)."""
+    T, k, E = 9, 2, 4
+    ids = torch.tensor([[0, 4], [4, 4], [2, 0], [4, 2], [0, 2], [2, 4], [4, 0], [0, 2], [4, 4]])  # experts 0, 2
+    case = make_case(T=T, k=k, E=E, H=32, I=24, dtype=dtype, layout="concatenated", biased=False, ids=ids)
+    assert_matches_reference(case, "silu")
+    hidden, weights, _, w_gate, w_up, w_down = case[:6]
+    # the same as sending those slots to expert 0 with weight 0 (finite weights: 0 * y = 0)
+    expected = fused_moe_reference(hidden, torch.where(ids == E, 0, weights), torch.where(ids == E, 0, ids),
+                                   ExpertWeights(w_gate, w_up, w_down))
+    got = run(moe_experts_cpu, case, "silu")
+    scale = expected.float().abs().max()
+    assert ((got.float() - expected.float()).abs().max() / scale) <= TOLERANCE[dtype]
+    assert torch.equal(got[1], torch.zeros_like(got[1]))  # a token served wholly elsewhere: zeros
+    poisoned = [w.clone() for w in (w_gate, w_up, w_down)]
+    for w in poisoned:
+        w[[1, 3]] = float("nan")  # never routed, and the sentinel reads no expert
+    torch.testing.assert_close(moe_experts_cpu(hidden, weights, ids, ExpertWeights(*poisoned)), got, rtol=0, atol=0)
 
 
 def test_unknown_activation_is_named():

@@ -54,3 +54,11 @@ def test_experts_per_rank_counts_contiguous_ranges_and_rejects_an_uneven_split()
     assert experts_per_rank((0, 1, 2), 8, 4) == [2, 1, 0, 0]
     with pytest.raises(ValueError, match="8 experts do not split evenly over ranks=3"):
         experts_per_rank((0,), 8, 3)
+
+
+def test_moved_mass_balances_over_the_proven_ranks_unless_told_otherwise():
+    site = site_of(OneRank())
+    assert site.policy == "moved_mass(max_moved=0.06, ranks=2) [config, ranks from the expert-parallel layout]"
+    torch._dynamo.reset()
+    report = lynx_compile.explain(OneRank(), torch.randn(8, 1, 16), config=lynx_compile.LynxConfig(ranks=1))
+    assert report.sites[0].policy == "moved_mass(max_moved=0.06, ranks=1) [config]"

@@ -4,6 +4,10 @@ policy none; `explain` names the router form and the dispatch evidence.
 
   sqrt(softplus(linear)) + bias     DeepSeek-V4's router (transformers' DeepseekV4SparseMoeBlock)
   a (1, E) correction bias          LongCat-Flash's router (LongcatFlashMoE, no zero experts)
+  a group mask filled with 0.0      DeepSeek-V2's group_limited_greedy router (DeepseekV2Moe)
+  a sparse mixer                    PhiMoE's router (PhimoeSparseMoeBlock): 2 rounds of max(keepdim)
+                                    + scatter(-inf); each weight a softmax over the scores within a
+                                    threshold of the round's max, gathered at its expert
   a (batch, seq, E) top-k           hand-written (gpt-fast style): the top-k before the flatten
   a dense (T, E) dispatch           hand-written: top-k weights scattered, every expert weighted
   a norm before the router          hand-written: RMSNorm between the flatten and the router
@@ -77,6 +81,26 @@ def deepseek_v4_block():
     return _spread(modeling_deepseek_v4.DeepseekV4SparseMoeBlock(config, 0))
 
 
+def deepseek_v2_block():
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+
+    config = transformers.DeepseekV2Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                           n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                           topk_method="group_limited_greedy", n_shared_experts=1,
+                                           first_k_dense_replace=0, num_hidden_layers=1, vocab_size=96)
+    config._experts_implementation = "grouped_mm"
+    return _spread(modeling_deepseek_v2.DeepseekV2Moe(config))
+
+
+def phimoe_block():
+    from transformers.models.phimoe import modeling_phimoe
+
+    config = transformers.PhimoeConfig(hidden_size=32, intermediate_size=16, num_local_experts=16,
+                                       num_experts_per_tok=2, num_hidden_layers=1, vocab_size=96)
+    config._experts_implementation = "grouped_mm"
+    return _spread(modeling_phimoe.PhimoeSparseMoeBlock(config))
+
+
 def longcat_block():
     from transformers.models.longcat_flash import modeling_longcat_flash
 
@@ -95,6 +119,8 @@ def _spread(block):
 FORMS = {
     "deepseek_v4": (deepseek_v4_block, "sqrt(softplus(linear))+bias"),
     "longcat_flash": (longcat_block, "softmax(linear)+bias"),
+    "deepseek_v2": (deepseek_v2_block, "softmax(linear), masked with 0"),
+    "phimoe": (phimoe_block, "linear, top-k as 2 rounds of max + mask"),
     "topk_3d": (lambda: ThreeDTopKMoE(num_experts=16, activated=4).eval(), "softmax(linear)"),
     "dense_dispatch": (lambda: DenseDispatchMoE(num_experts=16, activated=4).eval(), "softmax(linear)"),
     "normed_router": (lambda: NormedRouterMoE(num_experts=16, activated=4).eval(), "softmax(linear)"),
@@ -122,3 +148,28 @@ def test_each_form_is_found_selected_and_untouched_under_policy_none(form):
         torch._dynamo.reset()
         got = torch.compile(block, backend="lynx", options={"policy": "none"})(hidden)
     assert torch.equal(got, expected)
+
+
+def test_a_zero_filled_group_mask_is_handed_to_selection_as_minus_infinity():
+    """Masked experts stay ineligible: selection ranks where(mask, -inf, scores), not the 0.0 fill."""
+    from moe_models import PassOnlyBackend
+
+    backend = PassOnlyBackend()
+    with torch.no_grad():
+        torch.compile(deepseek_v2_block(), backend=backend)(torch.randn(BATCH, 1, 32))
+    [select] = [n for g in backend.graphs for n in g.graph.nodes  # batch_select, lowered to one call on CPU
+                if str(n.target).startswith(("lynx.batch_select", "lynx.select_experts_cpu"))]
+    scores = select.args[0]
+    assert scores.target is torch.ops.aten.where.self and scores.args[1].args[0] == float("-inf"), scores.format_node()
+    assert scores.args[2].target is torch.ops.aten.div.Tensor  # the softmax, unmasked where the mask is off
+
+
+def test_the_sparse_mixer_s_weights_are_its_own_formula_at_the_chosen_experts():
+    """A policy that keeps every token's own top-k (opportunistic, keep_top = k) must reproduce
+    eager exactly in meaning: the rounds became one top-k, and the weights (thresholds at the
+    round's max, softmax over what survives, gather) are recomputed from its columns."""
+    block, hidden = phimoe_block(), torch.randn(BATCH, 1, 32)
+    with torch.no_grad():
+        expected = block(hidden)
+        got = torch.compile(block, backend="lynx", options={"policy": "opportunistic", "keep_top": 2})(hidden)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

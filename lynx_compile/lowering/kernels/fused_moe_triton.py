@@ -145,7 +145,7 @@ def max_padded_pairs(num_pairs, num_experts: int, block_m: int):
 
 
 def moe_align_block_size(
-    topk_ids: torch.Tensor,  # (T, k) int, in [0, E)
+    topk_ids: torch.Tensor,  # (T, k) int, in [0, E]; E = no expert (the pair gets no slot)
     block_m: int,
     num_experts: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,26 +155,31 @@ def moe_align_block_size(
       num_padded       (1,) int32       M, the slots in use: blocks at or past M / BLOCK_M exit
     Pairs of one expert are contiguous, in ascending pair order, starting at a multiple of
     BLOCK_M; an expert with c pairs owns ceil(c / BLOCK_M) blocks, so 0 blocks when c == 0.
+    Pairs with the id E (an expert-parallel rank's "served elsewhere") get no slot at all.
     Only fixed-size torch ops: no .item(), nonzero or data-dependent shapes (graph capturable).
     """
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)  # (P,)
     num_pairs = flat.shape[0]
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E,) pairs per expert, fixed size
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E + 1,) pairs per expert, fixed size
+    counts = counts[:num_experts]  # (E,) the sentinel's count dropped
     padded = (counts + block_m - 1) // block_m * block_m  # (E,) 0 stays 0: no block
     padded_end = torch.cumsum(padded, 0)  # (E,)
     padded_start = padded_end - padded  # (E,)
     start = torch.cumsum(counts, 0) - counts  # (E,) unpadded run starts
 
-    order = torch.argsort(flat, stable=True)  # (P,) pair ids grouped by expert, stable
+    order = torch.argsort(flat, stable=True)  # (P,) pair ids grouped by expert, stable; sentinels last
     expert_of_sorted = flat[order]  # (P,)
-    rank = torch.arange(num_pairs, device=device) - start[expert_of_sorted]  # position in run
-    dest = padded_start[expert_of_sorted] + rank  # (P,) padded slot of each sorted pair
-
+    in_range = expert_of_sorted.clamp(max=num_experts - 1)  # (P,) a valid index for the sentinels too
+    rank = torch.arange(num_pairs, device=device) - start[in_range]  # position in run
     m_max = max_padded_pairs(num_pairs, num_experts, block_m)
-    sorted_pair_ids = torch.full((m_max,), num_pairs, dtype=torch.int32, device=device)
+    # (P,) padded slot of each sorted pair; sentinel pairs go to one spare slot, cut off below
+    dest = torch.where(expert_of_sorted < num_experts, padded_start[in_range] + rank, m_max)
+
+    sorted_pair_ids = torch.full((m_max + 1,), num_pairs, dtype=torch.int32, device=device)
     sorted_pair_ids.scatter_(0, dest, order.to(torch.int32))
+    sorted_pair_ids = sorted_pair_ids[:m_max]
 
     # Expert of block b = the run containing slot b*BLOCK_M. Empty experts have zero-length
     # runs (equal ends), which right=True skips. Blocks past the total would get E: clamp so
@@ -451,14 +456,15 @@ def _fused_moe(hidden, topk_weights, topk_ids, experts: ExpertWeights, config, l
         **launch_options,
     )
     # Pair t*k + j sits at row t, slot j of this view; summing slots in a fixed order keeps the
-    # result deterministic (no atomics).
-    return per_pair.view(num_tokens, top_k, hidden_size).sum(dim=1).to(hidden.dtype)
+    # result deterministic (no atomics). Sentinel pairs (id E) were never written: they add 0.
+    per_pair = torch.where((topk_ids < num_experts).unsqueeze(-1), per_pair.view(num_tokens, top_k, hidden_size), 0.0)
+    return per_pair.sum(dim=1).to(hidden.dtype)
 
 
 def fused_moe_triton(
     hidden: torch.Tensor,  # (T, H) bf16/fp16/fp32
     topk_weights: torch.Tensor,  # (T, k) any float dtype
-    topk_ids: torch.Tensor,  # (T, k) int64/int32 in [0, E)
+    topk_ids: torch.Tensor,  # (T, k) int64/int32 in [0, E]; E = no expert
     experts: ExpertWeights,  # any strides
     config: Optional[dict] = None,  # overrides of select_block_config's choice
 ) -> torch.Tensor:  # (T, H) hidden.dtype

@@ -11,7 +11,9 @@
 //   3. down: for every expert with n_e > 0 and every block of H rows -> ys (P, H) fp32;
 //   4. combine: out[t] = sum_j weight[t, j] * ys[pos(t, j)], slots in a fixed order
 //      (deterministic), rounded to the output dtype.
-// Experts without pairs get no task, so their weights are never touched.
+// Experts without pairs get no task, so their weights are never touched. An id equal to E is
+// "no expert here" (an expert-parallel rank's sentinel for a pair another rank serves): the pair
+// is left out of every step and adds nothing to its token.
 //
 // Weights may be bf16 or fp32 and are addressed through element strides, so concatenated,
 // interleaved and transposed layouts are views. For a (E, N, K) matrix (N outputs, K inputs):
@@ -503,7 +505,7 @@ int64_t task_rows(int64_t rows, int64_t active_experts, int threads) {
 extern "C" int lynx_moe_experts(
     const void* hidden, int hidden_dtype,  // (T, H) contiguous; also the output dtype
     const float* pair_weights,            // (T, k) contiguous fp32
-    const int64_t* topk_ids,              // (T, k) contiguous, in [0, E)
+    const int64_t* topk_ids,              // (T, k) contiguous, in [0, E]; E = no expert
     int64_t T, int64_t k, int64_t E, int64_t H, int64_t I,
     int weight_dtype,
     const void* w_gate, int64_t g_se, int64_t g_sn, int64_t g_sk,  // (E, I, H)
@@ -516,15 +518,16 @@ extern "C" int lynx_moe_experts(
     int threads) {
   const int64_t P = T * k;
   for (int64_t p = 0; p < P; ++p)
-    if (topk_ids[p] < 0 || topk_ids[p] >= E) return 1;  // caller raises, naming the bad id
+    if (topk_ids[p] < 0 || topk_ids[p] > E) return 1;  // caller raises, naming the bad id
 
-  // 1. bucket pairs by expert; pos[p] = row of pair p in bucket order.
+  // 1. bucket pairs by expert; pos[p] = row of pair p in bucket order, -1 for a sentinel pair.
   std::vector<int64_t> counts(E, 0), start(E + 1, 0), pos(P);
-  for (int64_t p = 0; p < P; ++p) ++counts[topk_ids[p]];
+  for (int64_t p = 0; p < P; ++p)
+    if (topk_ids[p] < E) ++counts[topk_ids[p]];
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < P; ++p) pos[p] = fill[topk_ids[p]]++;
+    for (int64_t p = 0; p < P; ++p) pos[p] = topk_ids[p] < E ? fill[topk_ids[p]]++ : -1;
   }
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += counts[e] > 0;
@@ -564,6 +567,7 @@ extern "C" int lynx_moe_experts(
     std::unique_ptr<float[]> pack(new float[kPackRows * kPackK]);  // this thread's weight tile
 #pragma omp for
     for (int64_t p = 0; p < P; ++p) {
+      if (pos[p] < 0) continue;  // a sentinel pair: no row
       float* row = xs + pos[p] * H;
       const int64_t t = p / k;
       if (!gate_up_pairs)  // the fp32 rows are only read by the widening paths
@@ -653,7 +657,8 @@ extern "C" int lynx_moe_experts(
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t h = 0; h < H; ++h) {
         float s = 0.f;
-        for (int64_t j = 0; j < k; ++j) s += pair_weights[t * k + j] * ys[pos[t * k + j] * H + h];
+        for (int64_t j = 0; j < k; ++j)
+          if (pos[t * k + j] >= 0) s += pair_weights[t * k + j] * ys[pos[t * k + j] * H + h];
         if (hidden_dtype == kBFloat16)
           static_cast<uint16_t*>(out)[t * H + h] = float_to_bf16(s);
         else

@@ -125,11 +125,11 @@ def _bias(bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], int]:
 def moe_experts_cpu(
     hidden: torch.Tensor,  # (T, H) fp32/bf16
     topk_weights: torch.Tensor,  # (T, k) any float dtype
-    topk_ids: torch.Tensor,  # (T, k) integer, in [0, E)
+    topk_ids: torch.Tensor,  # (T, k) integer, in [0, E]; E = no expert (adds nothing)
     experts: ExpertWeights,  # weights with a unit stride along H (gate/up) or I (down), or copied
 ) -> torch.Tensor:  # (T, H) hidden.dtype
     """`fused_moe_reference`'s computation on the CPU kernel. Raises ValueError naming a bad
-    argument (shapes, dtypes, device, an expert id outside [0, E))."""
+    argument (shapes, dtypes, device, an expert id outside [0, E])."""
     check_inputs(hidden, topk_weights, topk_ids, experts)
     w_gate, w_up, w_down, b_gate, b_up, b_down, activation, alpha, limit = experts
     if hidden.dtype not in _DTYPES:
@@ -158,6 +158,6 @@ def moe_experts_cpu(
         ACTIVATIONS[activation], alpha, limit,
         out.data_ptr(), torch.get_num_threads())
     if status != 0:
-        raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts}): "
+        raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts}] ({num_experts}: no expert): "
                          f"min {int(ids.min())}, max {int(ids.max())}")
     return out

@@ -390,7 +390,7 @@ std::vector<uint8_t> moved_mass(const Batch& b, double max_moved, int64_t ranks)
     for (int64_t e = 0; e < E; ++e) by_harm[harm_rank[e]] = e;
     for (int64_t i = 0; i < E; ++i) {
       const int64_t e = by_harm[i];
-      if (load[e] > 0) depth[e] = ++in_shard[e / (E / ranks)];
+      if (load[e] > 0) depth[e] = ++in_shard[e / (E / ranks)];  // contiguous shards: shards.py
     }
     rank = rank_of(E, [&](int64_t a, int64_t c) {
       if (depth[a] != depth[c]) return depth[a] < depth[c];
