@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,17 @@ import torch
 LOG = "lynx"
 GRAPHS = "lynx_graphs"
 PACKAGE = "lynx_compile"
+_warned: set[tuple] = set()  # keys already warned about in this process
+
+
+def warn_once(key: tuple, message: str, stacklevel: int = 4) -> None:
+    """A compile-time problem the user must hear of: a Python warning and a WARNING line in the
+    `lynx` log, once per key and process."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, stacklevel=stacklevel)
+    logging.getLogger(PACKAGE).warning(message)
 
 
 def register() -> None:

@@ -86,3 +86,27 @@ def test_an_edited_plan_file_takes_effect_on_the_next_call(tmp_path):
     path.write_text("{not json")
     with pytest.raises(LynxOptionsError, match="is not valid JSON"):
         decode_experts(model)
+
+
+def test_a_router_compiled_on_its_own_is_routing_and_warns_that_its_phase_is_unknown():
+    """`mlp.gate.compile(...)`: the graph ends at the top-k and starts at the (T, H) tokens. The
+    experts sit beside the router in its parent (outside the frame): that is the evidence. No
+    (batch, seq, hidden) flatten is in the graph, so decode cannot be told from prefill: left as
+    written, with a compile-time warning naming the option that fixes it (given where the pass
+    runs: a graph served from Inductor's cache was warned about when it was compiled)."""
+    model = tiny_model("mixtral", num_layers=1)
+    model.model.layers[0].mlp.gate.compile(backend="lynx")
+    with pytest.warns(UserWarning, match=r"routing site 'model.layers.0.mlp.gate' is left as written: .*"
+                                         r"max_decode_tokens"), torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad(), \
+            lynx_compile.record(model) as recorder:
+        model(**decode_step(model, 32))
+    call = recorder.calls["model.layers.0.mlp.gate"][-1]  # the decode step (the prompt ran through it first)
+    assert not call.decode and call.experts_after == call.experts_before  # not known as decode: plain top-k
+
+
+def test_a_router_compiled_on_its_own_selects_under_max_decode_tokens():
+    model = tiny_model("mixtral", num_layers=1)
+    model.model.layers[0].mlp.gate.compile(backend="lynx", options={"max_decode_tokens": 64})
+    before, after = decode_experts(model, batch=32)["model.layers.0.mlp.gate"]
+    assert after < before

@@ -6,8 +6,10 @@ it: transformers' `grouped_mm` (sort + offsets + grouped GEMMs, `transformers::g
 on CPU) or `batched_mm` (a per-pair weight gather + bmm), gpt-fast's gather + einsum, GPT-OSS's
 biased interleaved experts. Its inputs, followed up through single-input reshapes, must be
 exactly: the ids, one (T, H) hidden state, one (T, k) routing weight, parameters with E rows
-(weights (E, ., .), biases (E, .)) and sizes. Anything else is reported, with the node it reads,
-and the dispatch is left as written.
+(weights (E, ., .), biases (E, .)) and sizes. Float tensors computed from those before the ids are
+used (a dense dispatch computes every expert for every token, then weighs them by a (T, E) matrix
+scattered from the top-k) are part of the region. Anything else is reported, with the node it
+reads, and the dispatch is left as written.
 
 Under expert parallelism (a proven id mapping, `expert_parallel.py`) the region starts at this
 rank's local ids, whose value L marks a pair another rank serves, and reads the rank's L experts:
@@ -62,6 +64,9 @@ def find_dispatch_region(graph: Graph, site: RoutingSite) -> Dispatch | str:
     if ids is None:
         return "the top-k indices are unused"
     ids_shape = fm.shape_of(ids)
+    if ids_shape is None or len(ids_shape) != 2:
+        return ("the top-k's ids are not (tokens, k) (a (batch, seq, E) top-k is flattened only where the site "
+                "selects)")
     router_input = site.logits.args[1] if site.logits.target is aten.addmm.default else site.logits.args[0]
     hidden_size = fm.shape_of(router_input)[-1]
     order = {node: i for i, node in enumerate(graph.nodes)}
@@ -172,6 +177,11 @@ def _input_role(node: Node, num_tokens, top_k: int, hidden_size, num_experts: in
         return "weights"
     if fm.is_call(node, *_FOLLOW_UP) and len(_tensor_inputs(node)) == 1:
         return "follow"  # a reshape of one tensor; its SymInt sizes (dynamic T) become "sizes" inputs
+    if node.op == "call_function" and value.is_floating_point():
+        # Expert outputs computed for every expert before the ids weigh them (a dense dispatch:
+        # einsum over all E, then the (T, E) routing matrix): part of the region, back to the
+        # hidden state and the weights; the layout proof then says whether it is the fused op.
+        return "follow"
     return None
 
 
@@ -183,6 +193,8 @@ def _kind(nodes: set[Node]) -> str:
     targets = {node.target for node in nodes}
     if any("grouped_mm" in str(t) for t in targets):  # aten._grouped_mm, transformers' fallback op
         return "grouped_mm"
+    if targets & {aten.scatter.src, aten.scatter.value, aten.scatter_add.default}:
+        return "dense (T, E)"  # every expert computed, weighed by a routing matrix scattered from the top-k
     if aten.bmm.default in targets:
         return "gather + bmm"
     return "gather + matmul"

@@ -363,8 +363,8 @@ def router_holds_experts(logits: Node, num_experts: int, frame: FrameFacts) -> b
     """Whether the module owning the router linear sits in a module that directly holds E
     stacked experts (`FrameFacts.expert_stacks`; paths relative to the frame)."""
     router = fm.module_path(logits)
-    if router is None:
-        return False
+    if router is None:  # the frame's owner is the router (compiled on its own): its parent is outside
+        return frame.holds_experts(None, num_experts) or frame.holds_experts("", num_experts)
     parent = router.rsplit(".", 1)[0] if "." in router else ""
     return frame.holds_experts(parent, num_experts) or frame.holds_experts(router, num_experts)
 

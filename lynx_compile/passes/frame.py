@@ -21,6 +21,9 @@ whole model. Two facts need the module objects themselves, which only the frame 
   siblings       full paths of the other modules of the owner's class under the same root:
                  one compiled graph serves all of them (Dynamo reuses it for every instance),
                  so per-layer plan entries that differ between them cannot apply.
+  outer_stacks   E for every E-row expert stack the owner's parent module directly holds (a
+                 router compiled on its own, `mlp.gate.compile(...)`: its experts are its
+                 siblings, outside the frame).
 
 The facts are computed once per graph by the backend, while Dynamo's translator is active, and
 are part of the pass's cache key.
@@ -42,19 +45,23 @@ class FrameFacts:
     expert_stacks: tuple[tuple[str, int], ...] = ()
     siblings: tuple[str, ...] = ()
     owner_class: str | None = None
+    outer_stacks: tuple[int, ...] = ()
     # every module path of the root model (to tell a plan entry that names no module); not part
     # of the facts' identity: it changes no compiled graph
     module_names: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def full_name(self, relative: str | None) -> str | None:
         """A module path relative to the frame -> its full path in the model (unchanged when the
-        frame's place is unknown)."""
-        if relative is None or not self.prefix:
+        frame's place is unknown). None (a node of the owner's own forward) is the owner."""
+        if not self.prefix:
             return relative
-        return f"{self.prefix}.{relative}"
+        return self.prefix if relative is None else f"{self.prefix}.{relative}"
 
-    def holds_experts(self, module: str, num_experts: int) -> bool:
-        """Whether the module at this frame-relative path directly holds E stacked experts."""
+    def holds_experts(self, module: str | None, num_experts: int) -> bool:
+        """Whether the module at this frame-relative path directly holds E stacked experts; None:
+        the owner's parent, outside the frame."""
+        if module is None:
+            return num_experts in self.outer_stacks
         return (module, num_experts) in self.expert_stacks
 
 
@@ -74,7 +81,19 @@ def current_frame_facts() -> FrameFacts:
     siblings = tuple(name for name, module in _named_modules(root)
                      if type(module) is type(owner) and module is not owner)
     names = frozenset(name for name, _ in _named_modules(root))
-    return FrameFacts(prefix, _expert_stacks(owner), siblings, type(owner).__name__, names)
+    return FrameFacts(prefix, _expert_stacks(owner), siblings, type(owner).__name__,
+                      outer_stacks=_outer_stacks(root, prefix), module_names=names)
+
+
+def _outer_stacks(root: torch.nn.Module, prefix: str) -> tuple[int, ...]:
+    """E of each expert stack the module holding the owner (at `prefix` in `root`) holds itself."""
+    if not prefix:
+        return ()
+    parent_path = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    parent = dict(_named_modules(root)).get(parent_path)
+    if parent is None:
+        return ()
+    return tuple(sorted({experts for path, experts in _expert_stacks(parent) if path == ""}))
 
 
 def _expert_stacks(owner: torch.nn.Module) -> tuple[tuple[str, int], ...]:

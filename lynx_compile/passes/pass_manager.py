@@ -81,6 +81,7 @@ class LynxPostGradPass(CustomGraphPass):
         before = str(graph) if keep_text else ""
         left_alone = canonicalize_max_routing(graph, self.config, self.frame)
         sites = left_alone + find_routing_sites(graph, self.config, self.frame)
+        warn_unknown_phase(sites)
         flatten_routing_topks(graph, sites)
         fuse_expert_dispatches(graph, sites, self.config)
         rewrite_routing_sites(graph, sites, self.config, switchable=self.switchable)
@@ -100,6 +101,19 @@ class LynxPostGradPass(CustomGraphPass):
         return hashlib.sha256(
             f"{_source_hash()}|{self.config!r}|record={self.record}|switchable={self.switchable}|{decision_key()}"
             f"|{self.frame!r}|selection={selection_path()}".encode()).hexdigest()
+
+
+def warn_unknown_phase(sites: list[RoutingSite]) -> None:
+    """A routing site whose graph cannot tell decode from prefill is left alone; say so at compile
+    time, with the option that fixes it (a gate compiled on its own, a graph break before it).
+    Once per site and process, when the pass runs: a graph Inductor serves from its cache was
+    warned about when it was compiled."""
+    for site in sites:
+        if site.is_routing and site.phase is not None and site.phase.mode == "unknown":
+            logs.warn_once(("phase", site.label), (
+                f"lynx: routing site {site.label!r} is left as written: its graph has no (batch, seq, hidden) "
+                "flatten to tell decode from prefill (a router compiled on its own, or a graph break before it); "
+                "set options={'max_decode_tokens': N} to select on batches of at most N tokens"))
 
 
 def describe_site(site: RoutingSite) -> dict[str, object]:

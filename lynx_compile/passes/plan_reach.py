@@ -19,26 +19,19 @@ can still keep a plan from applying, and neither may pass in silence:
 
 from __future__ import annotations
 
-import logging
-import warnings
 
 from torch.fx import Graph
 
 from ..config import LynxConfig
 from ..errors import LynxOptionsError
+from ..logs import warn_once
 from . import fx_match as fm
 from .frame import FrameFacts
 
-log = logging.getLogger(__name__)
-_warned: set[tuple] = set()  # (plan, what) already warned about in this process
 
 
 def _warn_once(key: tuple, message: str) -> None:
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(message, stacklevel=4)
-    log.warning(message)
+    warn_once(("plan", *key), message, stacklevel=5)
 
 
 def check_plan_reach(config: LynxConfig, frame: FrameFacts, graph: Graph) -> None:

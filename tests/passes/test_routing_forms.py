@@ -173,3 +173,38 @@ def test_the_sparse_mixer_s_weights_are_its_own_formula_at_the_chosen_experts():
         expected = block(hidden)
         got = torch.compile(block, backend="lynx", options={"policy": "opportunistic", "keep_top": 2})(hidden)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+FUSED = {"deepseek_v2": "grouped_mm", "phimoe": "grouped_mm", "topk_3d": "gather + bmm",
+         "dense_dispatch": "dense (T, E)", "normed_router": "gather + bmm"}
+
+
+@pytest.mark.parametrize("form", FUSED)
+def test_each_form_s_dispatch_is_fused_and_computes_what_the_model_does(form):
+    """Policy none with the fused op; where the site is rewritten only when it selects (max-rounds
+    routers, a (batch, seq, E) top-k), opportunistic keeping each token's own k, which chooses
+    exactly what the model did."""
+    make, _ = FORMS[form]
+    torch.manual_seed(0)
+    block, hidden = make(), torch.randn(BATCH, 1, 32)
+    keep_own = {"phimoe": 2, "topk_3d": 4}
+    options = {"policy": "opportunistic", "keep_top": keep_own[form]} if form in keep_own else {"policy": "none"}
+    report = lynx_compile.explain(block, hidden, config=lynx_compile.LynxConfig(experts="fused", **options))
+    [site] = report.routing_sites
+    assert site.experts.startswith(f"fused: {FUSED[form]} dispatch -> lynx.moe_experts"), site.experts
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = block(hidden)
+        got = torch.compile(block, backend="lynx", options={"experts": "fused", **options})(hidden)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dense_dispatch_no_longer_computes_every_expert():
+    """The dense form runs all E experts for every token; fused, only the k each token uses."""
+    from moe_models import PassOnlyBackend
+
+    backend = PassOnlyBackend(lynx_compile.LynxConfig(experts="fused"))
+    with torch.no_grad():
+        torch.compile(FORMS["dense_dispatch"][0](), backend=backend)(torch.randn(BATCH, 1, 32))
+    assert backend.total("before", "aten.bmm.default") >= 3 and backend.total("after", "aten.bmm.default") == 0
+    assert backend.total("after", "lynx.moe_experts.default") == 1
