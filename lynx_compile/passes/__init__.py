@@ -3,6 +3,11 @@
 max_routing.py            routers picking experts by k rounds of max + mask -> aten.topk (or reported)
 find_routing.py           classify every aten.topk: routing site (and its form) or not (and why);
                           resolves each selectable site's setting once
+router_scores.py          its scores traced back to the router linear (softmax, bias, masks, ...)
+dispatch_evidence.py      whether its indices pick experts, and the evidence explain prints
+expert_parallel.py        an expert-parallel rank's global -> local id mapping, proven
+zero_experts.py           a split into real and zero-compute experts, proven
+frame.py, plan_reach.py   what the compiled frame says (site names, expert owners); plan checks
 phase.py                  decide per site whether its batches are decode batches
 live_rows.py              the in-graph mask of rows fed the pad token (dead rows do not vote)
 dispatch_region.py        the expert dispatch after a site, as a region of the graph

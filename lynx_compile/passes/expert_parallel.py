@@ -18,7 +18,7 @@ selection, and each rank's experts then run exactly the selected pairs that fall
 mapping is accepted only when all of it is proven: every use of the ids is the floor division
 or the remainder by one L with E % L == 0 and R = E / L >= 2, the rank's comparison uses one
 constant rank in [0, R), the local ids carry the sentinel L where the rank mask says "not here",
-and those local ids reach a dispatch over L experts (`find_routing.dispatch_of`). Anything else
+and those local ids reach a dispatch over L experts (`dispatch_evidence.dispatch_of`). Anything else
 is left exactly as written, with the reason.
 
 Source of the layout: transformers' `distributed/expert_parallel.py` (`AllReduceEP`).

@@ -43,10 +43,12 @@ from torch.fx import Graph, Node
 
 from ..config import LynxConfig
 from . import fx_match as fm
-from .find_routing import RoutingSite, dispatch_of, parallel_ranks, router_holds_experts, trace_router
+from .dispatch_evidence import dispatch_of, router_holds_experts
+from .find_routing import RoutingSite, parallel_ranks
 from .frame import FrameFacts
 from .fx_match import aten, prims
 from .phase import decide_phase
+from .router_scores import trace_router
 
 NEG_INF = float("-inf")
 

@@ -37,9 +37,10 @@ from ..lowering import selection
 from ..lowering.ops import batch_select, encode_params, observe_selection, switch_select
 from . import fx_match as fm
 from .fx_match import aten
-from .find_routing import RoutingSite, neg_inf_mask
+from .find_routing import RoutingSite
 from .live_rows import find_token_ids, live_tokens
 from .phase import batch_size_node
+from .router_scores import neg_inf_mask
 
 
 def rewrite_routing_sites(graph: Graph, sites: list[RoutingSite], config: LynxConfig,

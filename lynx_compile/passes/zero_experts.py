@@ -22,7 +22,7 @@ The mapping is accepted only when all of it is proven: one threshold E with 1 <=
 ids compared with it (`ids >= E` or `ids > E - 1`), exactly one `where(zero, parking, ids)` whose
 parking ids are arithmetic on the ids and constants alone and used nowhere else, no other use of
 the ids but gathers of the scores at them, and the real ids reaching a dispatch over E experts
-(`find_routing.dispatch_of`). Anything else is left exactly as written, with the reason.
+(`dispatch_evidence.dispatch_of`). Anything else is left exactly as written, with the reason.
 """
 
 from __future__ import annotations

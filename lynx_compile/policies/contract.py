@@ -98,20 +98,26 @@ def select_experts(scores: torch.Tensor, logits: torch.Tensor, k: int, preferenc
     if plain_indices is None:
         plain_indices = torch.topk(scores, k, dim=-1).indices  # (T, k)
     token_order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (T, E)
-    free = torch.arange(num_experts, device=scores.device) >= (num_experts if num_routed is None else num_routed)  # (E,)
+    # (E,) zero-compute columns; None (no such columns: no op traced for them)
+    free = None if num_routed is None else torch.arange(num_experts, device=scores.device) >= num_routed
 
-    tiers = preferences(eligible & ~free, voters, token_order)
+    tiers = preferences(eligible if free is None else eligible & ~free, voters, token_order)
     tiers = [tiers] if isinstance(tiers, torch.Tensor) else list(tiers)
-    tiers[0] = tiers[0] | free
+    if free is not None:
+        tiers[0] = tiers[0] | free
     picked = _pick(scores, token_order, [tier & eligible for tier in tiers] + [eligible], k)  # (T, k)
-    grows = (experts_used(picked, voters, num_experts) & ~free).sum() \
-        > (experts_used(plain_indices, voters, num_experts) & ~free).sum()
+    used_picked, used_plain = experts_used(picked, voters, num_experts), experts_used(plain_indices, voters, num_experts)
+    if free is not None:
+        used_picked, used_plain = used_picked & ~free, used_plain & ~free
+    grows = used_picked.sum() > used_plain.sum()
     voter_indices = torch.where(grows, plain_indices, picked)
 
     if live is None:  # every usable row votes; the rest take their plain top-k
         indices = torch.where(voters.unsqueeze(1), voter_indices, plain_indices)
         return scores.gather(1, indices), indices
-    loaded = experts_used(voter_indices, voters, num_experts) | free  # (E,)
+    loaded = experts_used(voter_indices, voters, num_experts)  # (E,)
+    if free is not None:
+        loaded = loaded | free
     dead_indices = _pick(scores, token_order, [loaded & eligible, eligible], k)
     indices = torch.where(voters.unsqueeze(1), voter_indices,
                           torch.where(usable.unsqueeze(1), dead_indices, plain_indices))
