@@ -106,7 +106,12 @@ def test_a_router_compiled_on_its_own_is_routing_and_warns_that_its_phase_is_unk
 
 
 def test_a_router_compiled_on_its_own_selects_under_max_decode_tokens():
+    """Batches of at most max_decode_tokens tokens are selected: the decode step (8 tokens), not the
+    prompt that ran through the same compiled router first (16 tokens)."""
     model = tiny_model("mixtral", num_layers=1)
-    model.model.layers[0].mlp.gate.compile(backend="lynx", options={"max_decode_tokens": 64})
-    before, after = decode_experts(model, batch=32)["model.layers.0.mlp.gate"]
-    assert after < before
+    model.model.layers[0].mlp.gate.compile(backend="lynx", options={"max_decode_tokens": 8})
+    with torch.no_grad(), lynx_compile.record(model) as recorder:
+        model(**decode_step(model, 8))
+    prompt, step = recorder.calls["model.layers.0.mlp.gate"]
+    assert (prompt.num_tokens, prompt.decode, step.num_tokens, step.decode) == (16, False, 8, True)
+    assert prompt.experts_after == prompt.experts_before and step.experts_after < step.experts_before

@@ -13,11 +13,12 @@ whole model. Two facts need the module objects themselves, which only the frame 
                  the model's forward that called the compiled one); with none, the owner is
                  the root.
   expert_stacks  (module path relative to the frame, E) for every module that directly holds
-                 E-row stacked expert parameters: a child (or itself) with a 3-D parameter of
-                 leading dim E (transformers' fused experts, gpt-fast's w1/w2/w3), or a
-                 ModuleList / ModuleDict of E modules of one class (per-expert modules). A router
-                 whose parent module is such a module chooses experts: that is the evidence a
-                 graph that ends at the top-k (its indices leave the graph) cannot show itself.
+                 E-row stacked expert parameters: two or more 3-D parameters of leading dim E in
+                 it or its children (transformers' fused experts, gpt-fast's w1/w2/w3; not a
+                 convolution's weight), or a ModuleList / ModuleDict of E modules of one class
+                 (per-expert modules). A router whose parent module is such a module chooses
+                 experts: that is the evidence a graph that ends at the top-k (its indices leave
+                 the graph) cannot show itself.
   siblings       full paths of the other modules of the owner's class under the same root:
                  one compiled graph serves all of them (Dynamo reuses it for every instance),
                  so per-layer plan entries that differ between them cannot apply.
@@ -31,6 +32,7 @@ are part of the pass's cache key.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 
@@ -97,13 +99,21 @@ def _outer_stacks(root: torch.nn.Module, prefix: str) -> tuple[int, ...]:
 
 
 def _expert_stacks(owner: torch.nn.Module) -> tuple[tuple[str, int], ...]:
+    """(path, E) for each module that holds E stacked experts: two or more 3-D parameters of
+    leading dim E in it or its direct children (an expert needs at least an input and an output
+    projection: transformers' gate_up_proj + down_proj, gpt-fast's w1, w2, w3), convolutions
+    excluded (a Conv1d's weight is 3-D too), or a ModuleList / ModuleDict of E modules of one class.
+    One 3-D parameter proves nothing (a classifier beside a convolution is not an MoE)."""
     stacks = set()
     for path, module in owner.named_modules():
-        holders = [module, *module.children()]
-        for holder in holders:
+        leading: collections.Counter[int] = collections.Counter()
+        for holder in (module, *module.children()):
+            if isinstance(holder, torch.nn.modules.conv._ConvNd):
+                continue
             for param in holder.parameters(recurse=False):
                 if param.dim() == 3:
-                    stacks.add((path, int(param.shape[0])))
+                    leading[int(param.shape[0])] += 1
+        stacks |= {(path, experts) for experts, count in leading.items() if count >= 2}
         for child in module.children():
             if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)) and len(child) >= 2:
                 members = list(child.children())

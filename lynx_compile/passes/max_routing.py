@@ -40,6 +40,7 @@ import dataclasses
 import operator
 
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import LynxConfig
 from . import fx_match as fm
@@ -287,8 +288,7 @@ def _weight_leak(start: Node, chain: MaxChain) -> Node | None:
     at the next round's expert). After the rewrite those scores are the ones left after the
     *chosen* experts, and the gather reads the chosen expert: the model's own weight formula at
     the new choice. Else the first node that leaves that form."""
-    scores_shape = fm.shape_of(chain.scores)
-    per_token = {tuple(scores_shape), (scores_shape[0], 1)}
+    num_tokens, num_experts = fm.shape_of(chain.scores)
     indices = {r.index for r in chain.rounds}
     seen, stack = set(), [start]
     while stack:
@@ -299,7 +299,9 @@ def _weight_leak(start: Node, chain: MaxChain) -> Node | None:
         if fm.is_call(node, aten.gather.default) and node.args[1] in (1, -1) and node.args[2] in indices:
             continue  # a weight at a round's expert
         shape = fm.shape_of(node)
-        if node.op != "call_function" or shape is None or tuple(shape) not in per_token or len(seen) > 64:
+        per_token = shape is not None and len(shape) == 2 and shape[1] in (num_experts, 1) \
+            and statically_known_true(shape[0] == num_tokens)  # T may be symbolic: no hashing, no guard
+        if node.op != "call_function" or not per_token or len(seen) > 64:
             return node
         stack.extend(node.users)
     return None

@@ -83,7 +83,7 @@ def _computed_from(node: object, ids: set[Node], seen: set[Node]) -> bool:
 
 def match_zero_experts(indices: list[Node], num_columns: int) -> ZeroExpertMapping | str | None:
     """The zero-compute split these top-k index tensors go through, the reason a split-like use
-    is not proven (a string), or None when the ids are never compared with a threshold."""
+    is not proven (a string), or None when no id above a threshold is replaced by another."""
     ids = set(indices) | {u for node in indices for u in fm.layout_users(node) if fm.is_call(u, *fm.LAYOUT_OPS)}
     users = [user for node in ids for user in node.users if user not in ids]
     masks = [u for u in users if _threshold(u, ids) is not None]
@@ -97,6 +97,8 @@ def match_zero_experts(indices: list[Node], num_columns: int) -> ZeroExpertMappi
     if not 1 <= num_experts < num_columns:
         return f"{unproven} (threshold {num_experts} outside 1..{num_columns - 1})"
     wheres = [u for u in users if fm.is_call(u, aten.where.self) and u.args[0] in masks and u.args[2] in ids]
+    if not wheres:  # a threshold on the ids, nothing parked: no split claimed (the usual evidence decides)
+        return None
     if len(wheres) != 1:
         return f"{unproven} ({len(wheres)} places replace the ids where they are >= {num_experts}, expected one)"
     real_ids = wheres[0]

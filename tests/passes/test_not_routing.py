@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import lynx_compile
 from lynx_compile.config import LynxConfig
 from moe_models import TOPK, PassOnlyBackend, moe_block
 
@@ -103,3 +104,30 @@ def test_a_candidate_topk_after_an_moe_layer_keeps_its_rows_under_real_inductor(
     with torch.no_grad():
         logits, candidates = torch.compile(module, backend="lynx")(hidden)
     assert torch.equal(candidates, torch.topk(torch.softmax(logits, -1), 4, dim=-1).indices)
+
+
+class ClassifierBesideAConvolution(torch.nn.Module):
+    """Not an MoE: a Conv1d (a 3-D weight of 32 rows) beside a 32-class head whose top-4 leaves the
+    graph. One 3-D parameter is no stack of experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(16, 32, kernel_size=1)  # weight (32, 16, 1)
+        self.head = torch.nn.Linear(16, 32)
+
+    def forward(self, x):  # (B, 1, 16)
+        features = self.conv(x.transpose(1, 2))
+        _, classes = torch.topk(self.head(x).view(-1, 32), 4)
+        return classes, features
+
+
+def test_a_convolution_beside_a_classifier_is_not_an_expert_stack():
+    torch.manual_seed(0)
+    module, x = ClassifierBesideAConvolution().eval(), torch.randn(32, 1, 16)
+    [site] = lynx_compile.explain(module, x).sites
+    assert not site.is_routing and "no module next to the router holds 32 stacked experts" in site.reason
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = torch.compile(module)(x)[0]
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(module, backend="lynx")(x)[0], expected)

@@ -208,3 +208,18 @@ def test_a_dense_dispatch_no_longer_computes_every_expert():
         torch.compile(FORMS["dense_dispatch"][0](), backend=backend)(torch.randn(BATCH, 1, 32))
     assert backend.total("before", "aten.bmm.default") >= 3 and backend.total("after", "aten.bmm.default") == 0
     assert backend.total("after", "lynx.moe_experts.default") == 1
+
+
+@pytest.mark.parametrize("policy", ["moved_mass", "none"])
+def test_the_sparse_mixer_compiles_with_a_symbolic_batch(policy):
+    """dynamic=True gives T symbolic (so does the recompile Dynamo makes when the batch size
+    changes): the rewrite must not hash or guard on it."""
+    block = phimoe_block()
+    compiled = torch.compile(block, backend="lynx", options={"policy": policy}, dynamic=True)
+    with torch.no_grad():
+        for batch in (8, 3):
+            hidden = torch.randn(batch, 1, 32)
+            got = compiled(hidden)
+            assert torch.isfinite(got).all()
+            if policy == "none":
+                torch.testing.assert_close(got, block(hidden), rtol=1e-5, atol=1e-6)
