@@ -10,8 +10,8 @@ lynx::batch_select(scores, logits, k, policy, params, decode_token_bound, live?,
     use and never counted as loaded (-1: every column is a real expert). Inside torch.compile it never reaches Inductor as an opaque call:
     `passes/lower_selection.py` replaces it by its aten body.
 
-lynx::select_experts_cpu(scores, logits, plain_indices, k, policy, params, decode_token_bound, live?)
-    -> (values, indices)
+lynx::select_experts_cpu(scores, logits, plain_indices, k, policy, params, decode_token_bound, live?,
+                         num_routed=-1) -> (values, indices)
     batch_select's computation in one C++ call on CPU (kernels/select_experts_cpu.cpp, registered
     from C++ when it is built): the same results, given the plain top-k's indices (computed by
     aten.topk beside it, so ties are torch's). What `passes/lower_selection.py` emits on CPU.
@@ -64,7 +64,7 @@ EXPERT_OPERANDS = ("Tensor w_gate, Tensor w_up, Tensor w_down, Tensor? b_gate, T
 _lib.define("batch_select(Tensor scores, Tensor logits, int k, str policy, float[] params, "
             "SymInt decode_token_bound, Tensor? live=None, int num_routed=-1) -> (Tensor, Tensor)")
 _lib.define("select_experts_cpu(Tensor scores, Tensor logits, Tensor plain_indices, int k, str policy, float[] params, "
-            "SymInt decode_token_bound, Tensor? live=None) -> (Tensor, Tensor)")
+            "SymInt decode_token_bound, Tensor? live=None, int num_routed=-1) -> (Tensor, Tensor)")
 _lib.define("observe_selection(Tensor plain_indices, Tensor chosen_indices, Tensor router_weight, int num_experts, "
             "SymInt decode_token_bound, str site, Tensor? voters=None, int expert_budget=-1) -> Tensor")
 _lib.define("switch_select(Tensor scores, Tensor logits, int k, SymInt decode_token_bound, Tensor? live, "
@@ -119,8 +119,9 @@ def _batch_select_fake(scores, logits, k, policy, params, decode_token_bound, li
     return scores.new_empty((num_tokens, k)), scores.new_empty((num_tokens, k), dtype=torch.int64)
 
 
-def _select_experts_cpu_fake(scores, logits, plain_indices, k, policy, params, decode_token_bound, live=None):
-    _check_select_inputs(scores, logits, k, live)
+def _select_experts_cpu_fake(scores, logits, plain_indices, k, policy, params, decode_token_bound, live=None,
+                             num_routed=-1):
+    _check_select_inputs(scores, logits, k, live, num_routed)
     decode_params(policy, params)
     if tuple(plain_indices.shape) != (scores.shape[0], k):
         raise ValueError(f"select_experts_cpu: plain_indices must be (T, k), got {tuple(plain_indices.shape)}")

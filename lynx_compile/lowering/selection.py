@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import policies
-from ..policies.contract import plain_topk, select_experts
+from ..policies.contract import plain_topk, policy_view, select_experts
 
 NO_DECODE_BOUND = -1  # decode_token_bound value meaning "every batch at this site is decode"
 
@@ -52,7 +52,7 @@ def batch_select(
 
     Raises ValueError for an unknown policy or parameters the policy does not take."""
     plain_values, plain_indices = plain_topk(scores, k)
-    preferences = policies.preferences(policy, scores, logits, k, **params)
+    preferences = policies.preferences(policy, policy_view(scores, num_routed), logits, k, **params)
     values, indices = select_experts(scores, logits, k, preferences, live, plain_indices, num_routed)
     if isinstance(decode_token_bound, int) and decode_token_bound == NO_DECODE_BOUND:
         return values, indices

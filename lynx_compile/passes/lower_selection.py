@@ -67,21 +67,21 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _kernel_takes(node: Node) -> bool:
     """Whether the CPU kernel runs this site: CPU tensors of a dtype it reads exactly, and built."""
     scores, logits = (fm.fake_value(arg) for arg in node.args[:2])
-    policy, num_routed = _arguments(node)[3], _arguments(node)[7]
+    policy = _arguments(node)[3]
     return (scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES and logits.dtype in _KERNEL_DTYPES
-            and policy in cpu_kernel.KERNEL_POLICIES and cpu_kernel.use_kernel()
-            and num_routed < 0)  # zero-compute experts: the aten body (the kernel has no free columns yet)
+            and policy in cpu_kernel.KERNEL_POLICIES and cpu_kernel.use_kernel())
 
 
 def _call_kernel(graph: Graph, node: Node) -> None:
-    scores, logits, k, policy, encoded, bound, live, _ = _arguments(node)
+    scores, logits, k, policy, encoded, bound, live, num_routed = _arguments(node)
     scores_value = fm.fake_value(scores)
     with graph.inserting_before(node):
         plain = graph.call_function(aten.topk.default, (scores, k))
         plain.meta["val"] = tuple(scores_value.topk(k))
         plain_indices = graph.call_function(operator.getitem, (plain, 1))
         plain_indices.meta["val"] = plain.meta["val"][1]
-        call = graph.call_function(select_experts_cpu, (scores, logits, plain_indices, k, policy, encoded, bound, live))
+        call = graph.call_function(select_experts_cpu,
+                                   (scores, logits, plain_indices, k, policy, encoded, bound, live, num_routed))
         call.meta["val"] = (scores_value.new_empty(plain.meta["val"][0].shape), plain.meta["val"][1].new_empty(
             plain.meta["val"][1].shape))
     call.meta.update({key: node.meta[key] for key in ("nn_module_stack", "stack_trace", "from_node") if key in node.meta})

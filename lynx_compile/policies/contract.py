@@ -20,9 +20,10 @@ Legend: T tokens in the batch, E routed experts, k experts per token.
   Values are `scores` gathered at the chosen indices, so whatever the model does after its top-k
   (renormalize, softmax over the k values, scale) recomputes the routing weights unchanged.
   - zero-compute experts (`num_routed`: columns from num_routed on do no work, LongCat-Flash's
-    identity experts) are free: the policy never sees them (they are not eligible to its vote),
-    they join its most preferred tier (so a token keeps or takes them by its own scores), and
-    they never count as experts the batch loads.
+    identity experts) are free: the policy never sees them (`policy_view`: their scores -inf, so
+    they are neither eligible to its vote nor in its token order), they join its most preferred
+    tier (so a token keeps or takes them by its own scores), and they never count as experts the
+    batch loads.
 
 Every line is traced into the compiled graph (`lynx::batch_select`'s body, `lowering/selection.py`),
 so it must stay free of data-dependent shapes and of Python control flow on tensor values.
@@ -38,6 +39,14 @@ from .base import PreferenceFn
 def plain_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices = torch.topk(scores, k, dim=-1)
     return values, indices
+
+
+def policy_view(scores: torch.Tensor, num_routed: int | None) -> torch.Tensor:
+    """(T, E) the scores a policy reads: the zero-compute columns (from num_routed on) at -inf;
+    `scores` itself when there are none."""
+    if num_routed is None:
+        return scores
+    return scores.masked_fill(torch.arange(scores.shape[1], device=scores.device) >= num_routed, float("-inf"))
 
 
 def usable_rows(scores: torch.Tensor, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +110,11 @@ def select_experts(scores: torch.Tensor, logits: torch.Tensor, k: int, preferenc
     # (E,) zero-compute columns; None (no such columns: no op traced for them)
     free = None if num_routed is None else torch.arange(num_experts, device=scores.device) >= num_routed
 
-    tiers = preferences(eligible if free is None else eligible & ~free, voters, token_order)
+    if free is None:
+        tiers = preferences(eligible, voters, token_order)
+    else:  # the policy's view: the zero-compute columns ineligible and last in every token's order
+        policy_order = torch.sort(policy_view(scores, num_routed), dim=-1, descending=True, stable=True).indices
+        tiers = preferences(eligible & ~free, voters, policy_order)
     tiers = [tiers] if isinstance(tiers, torch.Tensor) else list(tiers)
     if free is not None:
         tiers[0] = tiers[0] | free

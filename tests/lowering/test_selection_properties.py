@@ -52,6 +52,7 @@ class Batch:
     keep_mass: float = 0.8
     max_moved: float = 0.05
     ranks: int = 1
+    num_routed: int | None = None  # columns from here on are zero-compute experts (free); None: none
 
     @property
     def params(self) -> dict:
@@ -64,13 +65,14 @@ class Batch:
         keep = slice(None) if rows is None else rows
         live = None if self.live is None else self.live[keep]
         return selection.batch_select(self.scores[keep], self.logits[keep], self.k, self.policy, self.params,
-                                      selection.NO_DECODE_BOUND, live)
+                                      selection.NO_DECODE_BOUND, live, self.num_routed)
 
 
 @st.composite
-def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k=None, dtype=None, policy=None):
+def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k=None, dtype=None, policy=None,
+            zero_compute=False):
     """Sizes and the policy are drawn by hypothesis; everything else from a drawn seed (fewer
-    draws: fast cases)."""
+    draws: fast cases). zero_compute: a third of the cases end with zero-compute columns."""
     num_tokens = draw(st.integers(0, max_tokens))
     num_experts = num_experts or draw(st.sampled_from([2, 3, 4, 8, 16, 32, 64]))
     k = k or draw(st.integers(1, num_experts))
@@ -112,8 +114,12 @@ def batches(draw, max_tokens=128, nonfinite=True, dead=True, num_experts=None, k
     keep_mass = pick.choice([0.3, 0.5, 0.8, 0.95, 1.0])
     max_moved = pick.choice([0.0, 0.02, 0.1, 0.5, 0.99])
     ranks = pick.choice([r for r in (1, 2, 4, 8) if num_experts % r == 0])  # moved_mass's expert-parallel order
+    num_routed = None
+    if zero_compute and num_experts > 1 and pick.random() < 0.35:  # LongCat-Flash's identity experts
+        num_routed = pick.randint(1, num_experts - 1)
+        ranks = 1  # ranks shard the real experts; none of the drawn layouts do with free columns
     return Batch(scores.to(dtype), logits.to(dtype), k, alpha, beta, gap, live, policy, expert_budget, keep_top,
-                 keep_mass, max_moved, ranks)
+                 keep_mass, max_moved, ranks, num_routed)
 
 
 def eligible_and_usable(batch: Batch):
@@ -246,16 +252,18 @@ def cpu_kernel():
 
 
 @settings(max_examples=6000 if THOROUGH else 1500, **SETTINGS)
-@given(batch=batches(), bound=st.sampled_from([selection.NO_DECODE_BOUND, 0, 64]))
+@given(batch=batches(zero_compute=True), bound=st.sampled_from([selection.NO_DECODE_BOUND, 0, 64]))
 def test_the_cpu_kernel_equals_the_reference_bit_for_bit(cpu_kernel, batch, bound):
     """lynx::select_experts_cpu (one C++ call) against the torch body it replaces on CPU: the same
-    indices and values for every policy, ties, masks, NaN/+inf and dead rows included."""
+    indices and values for every policy, ties, masks, NaN/+inf and dead rows included, and with
+    zero-compute columns."""
     plain = torch.topk(batch.scores, batch.k, dim=-1).indices
     params = cpu_kernel.encode_params(batch.policy, batch.params)
+    routed = -1 if batch.num_routed is None else batch.num_routed
     values, indices = cpu_kernel.select_experts_cpu(batch.scores, batch.logits, plain, batch.k, batch.policy, params,
-                                                    bound, batch.live)
+                                                    bound, batch.live, routed)
     expected_values, expected_indices = selection.batch_select(batch.scores, batch.logits, batch.k, batch.policy,
-                                                               batch.params, bound, batch.live)
+                                                               batch.params, bound, batch.live, batch.num_routed)
     assert torch.equal(indices, expected_indices)
     assert torch.equal(values.nan_to_num(), expected_values.nan_to_num())
 

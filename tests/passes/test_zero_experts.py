@@ -96,3 +96,13 @@ def test_an_unproven_split_is_left_as_written():
     [site] = report.sites
     assert not site.is_routing and not site.rewritten
     assert "zero-compute expert split lynx cannot prove" in site.reason, site.reason
+
+
+def test_the_site_runs_the_one_call_cpu_selection_kernel():
+    from moe_models import PassOnlyBackend, selection_kernel
+
+    backend = PassOnlyBackend()
+    with torch.no_grad():
+        torch.compile(longcat_zero_block(), backend=backend)(torch.randn(BATCH, 1, 32))
+    expected = 1 if selection_kernel() else 0
+    assert backend.total("after", "lynx.select_experts_cpu.default") == expected

@@ -5,7 +5,8 @@
 // Letters: T tokens, E experts, k experts per token. Inputs: scores (T, E) (what the model's top-k
 // ranks; -inf: ineligible), logits (T, E) (router logits), plain (T, k) int64 (the model's own
 // torch.topk indices, computed by aten.topk beside this op so its tie order is torch's), live
-// (T,) bool or undefined. Output: values (T, k) in scores' dtype, indices (T, k) int64.
+// (T,) bool or undefined, num_routed (columns from it on are zero-compute experts, -1: none).
+// Output: values (T, k) in scores' dtype, indices (T, k) int64.
 //
 // Why one C++ call: the matrices are tiny (T <= a few hundred, E <= 256) and the selection is a
 // chain of reductions over alternating axes (per token, per expert, per token again), which the
@@ -309,9 +310,8 @@ void protected_mass(const Batch& b, double keep_mass, std::vector<uint8_t>& kept
   candidates.reserve(E);
   for (int64_t t = 0; t < T; ++t) {
     if (!b.usable[t]) continue;  // only usable rows read their tiers
-    candidates.clear();  // the token's own top-k, in its order
-    for (int64_t e = 0; e < E; ++e)
-      if (b.eli(t, e)) candidates.push_back(e);
+    candidates.resize(E);  // the token's own top-k, in its order (ineligible experts last: -inf scores)
+    std::iota(candidates.begin(), candidates.end(), int64_t{0});
     std::partial_sort(candidates.begin(), candidates.begin() + k, candidates.end(),
                       [&](int64_t a, int64_t c) { return before(b, t, a, c); });
     double top = -std::numeric_limits<double>::infinity(), total = 0.0;
@@ -334,7 +334,7 @@ void protected_mass(const Batch& b, double keep_mass, std::vector<uint8_t>& kept
     int64_t ahead = 0;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t e = candidates[j];
-      if (j == 0 || keep_mass >= 1.0 || static_cast<double>(ahead) < need) {
+      if ((j == 0 || keep_mass >= 1.0 || static_cast<double>(ahead) < need) && b.eli(t, e)) {
         kept[t * E + e] = 1;
         if (b.voters[t]) loaded[e] = 1;
       }
@@ -359,19 +359,20 @@ std::vector<uint8_t> moved_mass(const Batch& b, double max_moved, int64_t ranks)
     if (!b.voters[t]) continue;
     logit_gaps(b, t, gap.data());
     add_gap_evidence(b, t, gap.data(), evidence);
-    candidates.clear();  // the token's top-k, in its order (a voter has >= k eligible experts)
+    // The token's top-k, in its order; ineligible experts (-inf scores) come last and weigh 0 (a
+    // voter may have fewer than k eligible in a policy's view: zero-compute columns left out).
+    candidates.resize(E);
+    std::iota(candidates.begin(), candidates.end(), int64_t{0});
     double top = -std::numeric_limits<double>::infinity();
-    for (int64_t e = 0; e < E; ++e) {
-      if (!b.eli(t, e)) continue;
-      candidates.push_back(e);
-      top = std::max(top, static_cast<double>(b.z(t, e)));
-    }
+    for (int64_t e = 0; e < E; ++e)
+      if (b.eli(t, e)) top = std::max(top, static_cast<double>(b.z(t, e)));
     std::partial_sort(candidates.begin(), candidates.begin() + k, candidates.end(),
                       [&](int64_t a, int64_t c) { return before(b, t, a, c); });
+    auto weight = [&](int64_t e) { return b.eli(t, e) ? std::exp(static_cast<double>(b.z(t, e)) - top) : 0.0; };
     double total = 0.0;
-    for (int64_t j = 0; j < k; ++j) total += std::exp(static_cast<double>(b.z(t, candidates[j])) - top);
+    for (int64_t j = 0; j < k; ++j) total += weight(candidates[j]);
     for (int64_t j = 0; j < k; ++j) {
-      const double w = std::exp(static_cast<double>(b.z(t, candidates[j])) - top);
+      const double w = weight(candidates[j]);
       const int64_t units = static_cast<int64_t>(std::nearbyint(w / (total > 0 ? total : 1.0) * 16777216.0));
       load[candidates[j]] += units;
       harm[candidates[j]] += (units * units) >> 24;  // floor(units**2 / 2**24): units >= 0
@@ -465,38 +466,56 @@ void pick(const Batch& b, int64_t t, const std::vector<const std::vector<uint8_t
   std::stable_sort(out, out + b.k, [&](int64_t a, int64_t c) { return b.s(t, a) > b.s(t, c); });
 }
 
-int64_t distinct_experts(const Batch& b, const std::vector<int64_t>& indices) {
+// The real experts (below `routed`) the voters use: zero-compute ones are loaded by nobody.
+int64_t distinct_experts(const Batch& b, const std::vector<int64_t>& indices, int64_t routed) {
   std::vector<uint8_t> used(b.E, 0);
   for (int64_t t = 0; t < b.T; ++t)
     if (b.voters[t])
       for (int64_t j = 0; j < b.k; ++j) used[indices[t * b.k + j]] = 1;
-  return std::accumulate(used.begin(), used.end(), int64_t{0});
+  return std::accumulate(used.begin(), used.begin() + routed, int64_t{0});
+}
+
+// contract.py:policy_view: what a policy reads when columns from `routed` on do no work: their
+// scores -inf (so neither eligible to its vote nor in its token order); usable rows and voters
+// stay the contract's.
+Batch policy_view(const Batch& b, int64_t routed) {
+  Batch view = b;
+  for (int64_t t = 0; t < b.T; ++t)
+    for (int64_t e = routed; e < b.E; ++e) {
+      view.scores[t * b.E + e] = kNegInf;
+      view.eligible[t * b.E + e] = 0;
+    }
+  return view;
 }
 
 std::tuple<at::Tensor, at::Tensor> select_experts_cpu(const at::Tensor& scores, const at::Tensor& logits,
                                                      const at::Tensor& plain_indices, int64_t k,
                                                      c10::string_view policy, at::ArrayRef<double> params,
                                                      c10::SymInt decode_token_bound,
-                                                     const c10::optional<at::Tensor>& live) {
+                                                     const c10::optional<at::Tensor>& live, int64_t num_routed) {
   TORCH_CHECK(scores.dim() == 2 && logits.sizes() == scores.sizes(), "select_experts_cpu: scores and logits (T, E)");
   TORCH_CHECK(plain_indices.dim() == 2 && plain_indices.size(0) == scores.size(0) && plain_indices.size(1) == k,
               "select_experts_cpu: plain_indices (T, k)");
   const int64_t T = scores.size(0), E = scores.size(1);
+  TORCH_CHECK(num_routed >= -1 && num_routed <= E, "select_experts_cpu: num_routed outside [-1, E]");
+  const int64_t routed = num_routed < 0 ? E : num_routed;  // columns from here on: zero-compute experts
   at::Tensor plain = plain_indices.to(at::kLong).contiguous();
   const int64_t bound = decode_token_bound.expect_int();
   at::Tensor indices = plain.clone();
   if (bound == -1 || T <= bound) {  // a decode batch (selection.py:is_decode); else the plain top-k
     Batch b = make_batch(scores, logits, k, live);
+    const Batch viewed = routed < E ? policy_view(b, routed) : Batch();
+    const Batch& pb = routed < E ? viewed : b;  // what the policy reads
     const std::string name(policy);
     std::vector<uint8_t> survivors, tokens_kept, loaded;
     std::vector<const std::vector<uint8_t>*> levels;
     bool per_token0 = false;
     if (name == "affinity_binning") {
       TORCH_CHECK(params.size() == 3, "affinity_binning takes alpha, beta, confidence_gap");
-      survivors = affinity_binning(b, params[0], static_cast<int64_t>(params[1]), params[2]);
+      survivors = affinity_binning(pb, params[0], static_cast<int64_t>(params[1]), params[2]);
     } else if (name == "gate_mass_budget") {
       TORCH_CHECK(params.size() == 2, "gate_mass_budget takes expert_budget, confidence_gap");
-      survivors = gate_mass_budget(b, static_cast<int64_t>(params[0]), params[1], logits);
+      survivors = gate_mass_budget(pb, static_cast<int64_t>(params[0]), params[1], logits);
     } else if (name == "opportunistic") {
       TORCH_CHECK(params.size() == 1, "opportunistic takes keep_top");
       const int64_t keep_top = static_cast<int64_t>(params[0]);
@@ -504,11 +523,13 @@ std::tuple<at::Tensor, at::Tensor> select_experts_cpu(const at::Tensor& scores, 
       tokens_kept.assign(T * E, 0);
       loaded.assign(E, 0);
       for (int64_t t = 0; t < T; ++t) {
-        if (!b.usable[t]) continue;  // only usable rows read their tiers
-        for (int64_t j = 0; j < keep_top; ++j) {  // its first keep_top experts (eligible: k <= eligible)
-          const int64_t e = best_of(b, t, [&](int64_t x) { return !tokens_kept[t * E + x]; });
-          tokens_kept[t * E + e] = b.eli(t, e);
-          if (b.eli(t, e) && b.voters[t]) loaded[e] = 1;
+        if (!pb.usable[t]) continue;  // only usable rows read their tiers
+        std::vector<uint8_t> seen(E, 0);
+        for (int64_t j = 0; j < keep_top; ++j) {  // its first keep_top experts, in the policy's order
+          const int64_t e = best_of(pb, t, [&](int64_t x) { return !seen[x]; });
+          seen[e] = 1;
+          tokens_kept[t * E + e] = pb.eli(t, e);
+          if (pb.eli(t, e) && pb.voters[t]) loaded[e] = 1;
         }
       }
       levels = {&tokens_kept, &loaded};
@@ -516,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor> select_experts_cpu(const at::Tensor& scores, 
     } else if (name == "protected_mass") {
       TORCH_CHECK(params.size() == 1, "protected_mass takes keep_mass");
       TORCH_CHECK(params[0] > 0 && params[0] <= 1, "protected_mass: keep_mass must be a float in (0, 1]");
-      protected_mass(b, params[0], tokens_kept, loaded);
+      protected_mass(pb, params[0], tokens_kept, loaded);
       levels = {&tokens_kept, &loaded};
       per_token0 = true;
     } else if (name == "moved_mass") {
@@ -524,13 +545,19 @@ std::tuple<at::Tensor, at::Tensor> select_experts_cpu(const at::Tensor& scores, 
       TORCH_CHECK(params[0] >= 0 && params[0] < 1, "moved_mass: max_moved must be a float in [0, 1)");
       const int64_t ranks = static_cast<int64_t>(params[1]);
       TORCH_CHECK(ranks >= 1 && E % ranks == 0, "moved_mass: ranks must be an integer >= 1 dividing E");
-      survivors = moved_mass(b, params[0], ranks);
+      survivors = moved_mass(pb, params[0], ranks);
     } else if (name == "none") {
       survivors.assign(E, 1);
     } else {
       TORCH_CHECK(false, "select_experts_cpu: unknown policy ", name);
     }
     if (levels.empty()) levels = {&survivors};
+    if (routed < E) {  // zero-compute experts join the most preferred tier, for every token
+      std::vector<uint8_t>& first = levels[0] == &survivors ? survivors : tokens_kept;
+      const int64_t rows = levels[0] == &survivors ? 1 : T;
+      for (int64_t t = 0; t < rows; ++t)
+        for (int64_t e = routed; e < E; ++e) first[t * E + e] = 1;
+    }
     const std::vector<uint8_t> everything(E, 1);  // the last tier: any eligible expert
     std::vector<const std::vector<uint8_t>*> tiers = levels;
     tiers.push_back(&everything);
@@ -544,12 +571,13 @@ std::tuple<at::Tensor, at::Tensor> select_experts_cpu(const at::Tensor& scores, 
     std::vector<int64_t> picked(plain_vector);
     for (int64_t t = 0; t < T; ++t)
       if (b.usable[t]) pick(b, t, tiers, per_token0, &picked[t * k], chosen, &plain_vector[t * k], plain_prefix[t]);
-    const bool grows = distinct_experts(b, picked) > distinct_experts(b, plain_vector);
+    const bool grows = distinct_experts(b, picked, routed) > distinct_experts(b, plain_vector, routed);
     const std::vector<int64_t>& voter_indices = grows ? plain_vector : picked;
 
     int64_t* out = indices.data_ptr<int64_t>();
     const bool has_live = live.has_value() && live->defined();
     std::vector<uint8_t> voter_load(E, 0);
+    for (int64_t e = routed; e < E; ++e) voter_load[e] = 1;  // zero-compute experts: loaded by nobody, free to all
     if (has_live)
       for (int64_t t = 0; t < T; ++t)
         if (b.voters[t])
