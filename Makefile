@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all lint docs demo bench bench-kernels bench-real eval frontier ep-ranks calibrate train clean
+.PHONY: setup test test-all lint docs demo bench bench-kernels bench-forms bench-real eval frontier ep-ranks calibrate train clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: $(STAMP)
 # Which expert compute experts="auto" picks, per ISA (docs/benchmarks.md; ~1 min).
 bench-kernels: $(STAMP)
 	$(PY) bench/bench_expert_kernels.py
+
+# One block per routing form reached last (DeepSeek-V2, PhiMoE, LongCat zero-compute, dense dispatch):
+# default Inductor vs lynx none vs lynx, per ISA (docs/benchmarks.md; ~1.5 min).
+bench-forms: $(STAMP)
+	$(PY) bench/bench_routing_forms.py
 
 # A full-size OLMoE-1B-7B-shaped decode step, random bf16 weights (~15 GB of memory, ~30 min).
 bench-real: $(STAMP)
