@@ -25,6 +25,22 @@ from .fx_match import aten, prims
 from .zero_experts import ZeroExpertMapping, match_zero_experts
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the compiled model's modules say about a router (`frame.py`), for evidence the graph
+    alone cannot give: whether its module sits beside n stacked experts, and whether a 3-D graph
+    input is one of the model's parameters (not a buffer). Without a frame: nothing held, every
+    3-D input accepted."""
+
+    holds_experts: Callable[[int], bool] = lambda num_experts: False
+    is_parameter_stack: Callable[[tuple], bool] = lambda shape: True
+
+
+def router_facts(logits: Node, frame: FrameFacts) -> ModelFacts:
+    """The facts about the router whose linear output is `logits`."""
+    return ModelFacts(lambda num_experts: router_holds_experts(logits, num_experts, frame), frame.is_parameter_stack)
+
+
 def router_holds_experts(logits: Node, num_experts: int, frame: FrameFacts) -> bool:
     """Whether the module owning the router linear sits in a module that directly holds E
     stacked experts (`FrameFacts.expert_stacks`; paths relative to the frame)."""
@@ -33,10 +49,6 @@ def router_holds_experts(logits: Node, num_experts: int, frame: FrameFacts) -> b
         return frame.holds_experts(None, num_experts) or frame.holds_experts("", num_experts)
     parent = router.rsplit(".", 1)[0] if "." in router else ""
     return frame.holds_experts(parent, num_experts) or frame.holds_experts(router, num_experts)
-
-
-def _no_expert_module(num_experts: int) -> bool:
-    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +65,12 @@ class DispatchEvidence:
         return not self.description.startswith("not routing")
 
 
-def find_dispatch(topk: Node, num_experts: int,
-                  holds_experts: Callable[[int], bool] = _no_expert_module) -> DispatchEvidence:
+def find_dispatch(topk: Node, num_experts: int, facts: ModelFacts = ModelFacts()) -> DispatchEvidence:
     """How the top-k indices reach an expert dispatch, or why they do not."""
     indices = fm.getitem_users(topk).get(1)
     if indices is None or not indices.users:
         return DispatchEvidence("not routing: the indices are unused (e.g. a top-k sampling threshold)")
-    return dispatch_of([indices], num_experts, holds_experts)
+    return dispatch_of([indices], num_experts, facts)
 
 
 # Evidence that needs the router's module to hold E stacked experts too (a candidate top-k over a
@@ -67,13 +78,12 @@ def find_dispatch(topk: Node, num_experts: int,
 _NEEDS_EXPERT_MODULE = ("deferred to the next graph", "one-hot over experts", "custom op", "scattered into")
 
 
-def dispatch_of(indices: list[Node], num_experts: int,
-                holds_experts: Callable[[int], bool] = _no_expert_module) -> DispatchEvidence:
+def dispatch_of(indices: list[Node], num_experts: int, facts: ModelFacts = ModelFacts()) -> DispatchEvidence:
     """How these expert-index tensors reach an expert dispatch, or why they do not.
 
-    holds_experts(n): the router's module sits in one that holds n stacked experts
-    (`router_holds_experts`), which the weak kinds of evidence need. Ids mapped to this rank's
-    experts (`expert_parallel.py`) must reach a dispatch over the rank's L experts."""
+    facts: what the model says about the router (`router_facts`): the weak kinds of evidence need
+    its module to hold E stacked experts, a gather needs its table to be a parameter. Ids mapped
+    to this rank's experts (`expert_parallel.py`) must reach a dispatch over the rank's L experts."""
     mapping = match_expert_parallel(indices, num_experts)
     if isinstance(mapping, str):
         return DispatchEvidence(mapping)
@@ -81,7 +91,7 @@ def dispatch_of(indices: list[Node], num_experts: int,
         # the experts' forward may clamp the sentinel into range before gathering (and mask its rows)
         clamped = [u for u in fm.layout_users(mapping.local_ids)
                    if fm.is_call(u, aten.clamp.default, aten.clamp_max.default)]
-        local = _evidence([mapping.local_ids, *clamped], mapping.local_experts, holds_experts)
+        local = _evidence([mapping.local_ids, *clamped], mapping.local_experts, facts)
         if local.startswith("not routing"):
             return DispatchEvidence(f"{local} (after the expert-parallel mapping: {mapping.describe()})")
         return DispatchEvidence(f"{mapping.describe()}; local ids: {local}", mapping)
@@ -89,20 +99,20 @@ def dispatch_of(indices: list[Node], num_experts: int,
     if isinstance(zero, str):
         return DispatchEvidence(zero)
     if zero is not None:
-        real = _evidence([zero.real_ids], zero.num_experts, holds_experts)
+        real = _evidence([zero.real_ids], zero.num_experts, facts)
         if real.startswith("not routing"):
             return DispatchEvidence(f"{real} (after the zero-compute split: {zero.describe()})")
         return DispatchEvidence(f"{zero.describe()}; real ids: {real}", zero_experts=zero)
-    return DispatchEvidence(_evidence(indices, num_experts, holds_experts))
+    return DispatchEvidence(_evidence(indices, num_experts, facts))
 
 
-def _evidence(indices: list[Node], num_experts: int, holds_experts: Callable[[int], bool]) -> str:
+def _evidence(indices: list[Node], num_experts: int, facts: ModelFacts) -> str:
     """The dispatch evidence of ids used directly (no expert-parallel mapping), or why they are
     not routing."""
-    expert_module = holds_experts(num_experts)
+    expert_module = facts.holds_experts(num_experts)
     evidence: list[str] = []
     for user in (user for node in indices for user in fm.layout_users(node)):
-        found = _dispatch_kind(user, num_experts)
+        found = _dispatch_kind(user, num_experts, facts)
         if found is None:
             continue
         if found.startswith("not routing"):
@@ -126,7 +136,7 @@ _INDEX_ARITHMETIC = frozenset({
 })
 
 
-def _dispatch_kind(user: Node, num_experts: int) -> str | None:
+def _dispatch_kind(user: Node, num_experts: int, facts: ModelFacts) -> str | None:
     if user.op == "output":
         return "deferred to the next graph (experts loop)"
     if user.op != "call_function":
@@ -138,8 +148,8 @@ def _dispatch_kind(user: Node, num_experts: int) -> str | None:
         source = fm.through_layout(table) if isinstance(table, Node) else None
         shape = fm.shape_of(table)
         if shape and len(shape) == 3 and shape[0] == num_experts and source is not None \
-                and source.op in ("placeholder", "get_attr"):
-            return "gathers stacked expert weights"
+                and source.op in ("placeholder", "get_attr") and facts.is_parameter_stack(shape):
+            return "gathers stacked expert weights"  # a parameter of the model, not a buffer (retrieval memory)
         return None
     if user.target is aten.eq.Tensor:
         other = [a for a in user.args if a is not None]

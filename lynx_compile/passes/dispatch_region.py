@@ -52,6 +52,7 @@ class Dispatch:
     nodes: list[Node]  # the region, in graph order
     kind: str  # which dispatch it reads like (for explain)
     sentinel: bool = False  # ids may hold E (the params' rows): "served by another rank", adds nothing
+    parked: bool = False  # zero-compute pairs parked, weight 0, on a real id (maybe one their token also uses)
 
 
 def find_dispatch_region(graph: Graph, site: RoutingSite) -> Dispatch | str:
@@ -77,6 +78,7 @@ def find_dispatch_region(graph: Graph, site: RoutingSite) -> Dispatch | str:
         region = _region(candidate, ids, downstream, ids_shape, hidden_size, num_experts, order)
         if isinstance(region, Dispatch):
             region.sentinel = site.parallel is not None
+            region.parked = site.zero_experts is not None
             return region
         if region != "skip":
             return region

@@ -1,8 +1,10 @@
 """Prove what an expert-dispatch region computes: which `ExpertLayout` of its parameters makes
 `fused_moe_reference` compute the same thing.
 
-The region (`dispatch_region.py`) is run once on random inputs (real shapes, small values; under
-expert parallelism, with a third of the ids set to the "another rank" sentinel E) and compared
+The region (`dispatch_region.py`) is run once on random inputs (real shapes, small values, routing
+weights signed and past 1; under expert parallelism with a third of the ids set to the "another
+rank" sentinel E; with zero-compute experts with a third of the pairs parked, weight 0, on an
+expert their token also uses) and compared
 with `fused_moe_reference` for each way the parameters can be gate / up / down (fused or
 separate, concatenated or interleaved halves, transposed or not, biases, SiLU or GPT-OSS's
 clamped SwiGLU, whose alpha and limit are drawn from the region's own float literals); the first
@@ -131,7 +133,7 @@ def _signature(dispatch: Dispatch) -> str:
         return repr(map_arg(args, lambda node: f"%{position[node]}"))
 
     steps = [f"{fm.op_name(n)}{numbered(n.args)}{numbered(n.kwargs)}" for n in dispatch.nodes]
-    return "\n".join([repr(shapes), f"sentinel={dispatch.sentinel}", *steps])
+    return "\n".join([repr(shapes), f"sentinel={dispatch.sentinel} parked={dispatch.parked}", *steps])
 
 
 def _candidates(params: list[torch.Tensor], hidden_size: int, constants: set[float] = frozenset()) -> list[ExpertLayout]:
@@ -200,17 +202,21 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
             served_elsewhere = torch.rand(real[2].shape, generator=generator) < 0.35
             served_elsewhere[0] = True
             real[2] = real[2].masked_fill(served_elsewhere.to(real[2].device), num_experts)
+        if dispatch.parked and top_k > 1:  # zero-compute pairs parked on an expert the token also uses, weight 0
+            parked = (torch.rand(real[2].shape, generator=generator) < 0.35).to(real[2].device)
+            parked[:, 0] = False  # slot 0 keeps a real expert to collide with
+            real[2] = torch.where(parked, real[2][:, :1], real[2])
+            real[1] = real[1].masked_fill(parked, 0.0)
         try:
             expected = region(*real)
         except Exception as error:  # noqa: BLE001 - report, leave the graph as it was
             return f"running the dispatch on example inputs failed ({type(error).__name__}: {error})"
         hidden, weights, ids = real[:3]
         params = real[3:3 + len(dispatch.params)]
-        # A clamp only acts on large pre-activations: check a scaled-up input as well, or a model
+        # A clamp only acts on large pre-activations: check scaled-up inputs as well, or a model
         # with another swiglu_limit would pass as the fused op's 7.0, and a clamped SiLU
-        # (DeepSeek-V4's) as a plain one.
-        large = [real[0] * _CLAMP_PROBE_SCALE, *real[1:]]
-        expected_large = None
+        # (DeepSeek-V4's at 10, or one at hundreds) as a plain one.
+        expected_large: dict[float, torch.Tensor] = {}
         for layout in _candidates(params, hidden_size, _float_constants(dispatch.nodes)):
             experts = layout.weights(params)
             try:
@@ -219,10 +225,14 @@ def _verify(dispatch: Dispatch, region: GraphModule) -> ExpertLayout | str:
                 continue
             if not (got.shape == expected.shape and _close(got, expected, hidden.dtype)):
                 continue
-            expected_large = region(*large) if expected_large is None else expected_large
-            if not _close(fused_moe_reference(large[0], weights, ids, experts), expected_large, hidden.dtype):
-                continue
-            return layout
+            for scale in _CLAMP_PROBE_SCALES:
+                if scale not in expected_large:
+                    expected_large[scale] = region(hidden * scale, *real[1:])
+                if not _close(fused_moe_reference(hidden * scale, weights, ids, experts), expected_large[scale],
+                              hidden.dtype):
+                    break
+            else:
+                return layout
     return "no fused expert layout computes what it computes (checked on example inputs)"
 
 
@@ -236,7 +246,8 @@ def _float_constants(nodes: list[Node]) -> set[float]:
     return found
 
 
-_CLAMP_PROBE_SCALE = 40.0  # pre-activations ~N(0, 20): well past GPT-OSS's clamp at +-7, V4's at 10
+# pre-activations ~N(0, 20) and ~N(0, 500): past GPT-OSS's clamp at +-7, V4's at 10, and clamps in the hundreds
+_CLAMP_PROBE_SCALES = (40.0, 1000.0)
 
 
 def _example(value, generator: torch.Generator, num_tokens: int, num_experts: int, top_k: int):
@@ -250,13 +261,14 @@ def _example(value, generator: torch.Generator, num_tokens: int, num_experts: in
         scores[: num_tokens // 2, 0] += 4.0
         return scores.topk(top_k, dim=-1).indices.to(value.device, value.dtype)
     scale = 1.0 / math.sqrt(shape[-1]) if len(shape) == 3 else 0.5
-    if shape == [num_tokens, top_k]:  # routing weights: positive, like softmax outputs
-        return torch.rand(shape, generator=generator).to(value.device, value.dtype)
+    if shape == [num_tokens, top_k]:  # routing weights: signed and past 1 (raw logits, scaled weights), so
+        # a relu or clamp the dispatch applies to them shows (the fused op is linear in them)
+        return (torch.randn(shape, generator=generator) * 2).to(value.device, value.dtype)
     return (torch.randn(shape, generator=generator) * scale).to(value.device, value.dtype)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, compute_dtype: torch.dtype) -> bool:
     # Relative to the output's scale; a wrong layout or activation is off by O(1).
-    tolerance = 1e-4 if compute_dtype == torch.float32 else 3e-2
+    tolerance = 1e-5 if compute_dtype == torch.float32 else 3e-2
     scale = expected.float().abs().max().clamp_min(1e-6)
     return bool(((got.float() - expected.float()).abs().max() / scale) <= tolerance)

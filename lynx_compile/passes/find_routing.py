@@ -28,7 +28,7 @@ from torch.fx import Graph, Node
 from ..config import LynxConfig
 from ..policies import SiteSetting
 from . import fx_match as fm
-from .dispatch_evidence import find_dispatch, router_holds_experts
+from .dispatch_evidence import find_dispatch, router_facts
 from .expert_parallel import ExpertParallelMapping
 from .frame import FrameFacts
 from .fx_match import aten
@@ -129,7 +129,7 @@ def classify_topk(topk: Node, config: LynxConfig, frame: FrameFacts = FrameFacts
         site.router_form += f", top-k as {rounds} rounds of max + mask"
     site.router_weight = router_weight(site.logits)
 
-    dispatch = find_dispatch(topk, num_experts, lambda n: router_holds_experts(site.logits, n, frame))
+    dispatch = find_dispatch(topk, num_experts, router_facts(site.logits, frame))
     if not dispatch.routes:
         site.reason = dispatch.description
         return site

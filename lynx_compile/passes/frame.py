@@ -25,6 +25,9 @@ whole model. Two facts need the module objects themselves, which only the frame 
   outer_stacks   E for every E-row expert stack the owner's parent module directly holds (a
                  router compiled on its own, `mlp.gate.compile(...)`: its experts are its
                  siblings, outside the frame).
+  parameter_shapes  the shapes of every 3-D parameter of the owner and its parent (a sharded
+                 one's local shape too): a graph input gathered by the top-k's ids is evidence of
+                 stacked experts only if it is one of them, not a buffer of retrieval memory.
 
 The facts are computed once per graph by the backend, while Dynamo's translator is active, and
 are part of the pass's cache key.
@@ -48,6 +51,7 @@ class FrameFacts:
     siblings: tuple[str, ...] = ()
     owner_class: str | None = None
     outer_stacks: tuple[int, ...] = ()
+    parameter_shapes: frozenset[tuple[int, ...]] = frozenset()
     # every module path of the root model (to tell a plan entry that names no module); not part
     # of the facts' identity: it changes no compiled graph
     module_names: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
@@ -58,6 +62,11 @@ class FrameFacts:
         if not self.prefix:
             return relative
         return self.prefix if relative is None else f"{self.prefix}.{relative}"
+
+    def is_parameter_stack(self, shape) -> bool:
+        """Whether a 3-D graph input of this shape is one of the frame's parameters (always, when
+        the frame is unknown: a graph compiled outside Dynamo has no module to ask)."""
+        return self.owner_class is None or tuple(shape) in self.parameter_shapes
 
     def holds_experts(self, module: str | None, num_experts: int) -> bool:
         """Whether the module at this frame-relative path directly holds E stacked experts; None:
@@ -83,16 +92,33 @@ def current_frame_facts() -> FrameFacts:
     siblings = tuple(name for name, module in _named_modules(root)
                      if type(module) is type(owner) and module is not owner)
     names = frozenset(name for name, _ in _named_modules(root))
+    parent = _parent(root, prefix)
     return FrameFacts(prefix, _expert_stacks(owner), siblings, type(owner).__name__,
-                      outer_stacks=_outer_stacks(root, prefix), module_names=names)
+                      outer_stacks=_outer_stacks(parent), module_names=names,
+                      parameter_shapes=_parameter_shapes(owner if parent is None else parent))
 
 
-def _outer_stacks(root: torch.nn.Module, prefix: str) -> tuple[int, ...]:
-    """E of each expert stack the module holding the owner (at `prefix` in `root`) holds itself."""
+def _parent(root: torch.nn.Module, prefix: str) -> torch.nn.Module | None:
+    """The module holding the owner (at `prefix` in `root`); None for the root itself."""
     if not prefix:
-        return ()
+        return None
     parent_path = prefix.rsplit(".", 1)[0] if "." in prefix else ""
-    parent = dict(_named_modules(root)).get(parent_path)
+    return dict(_named_modules(root)).get(parent_path)
+
+
+def _parameter_shapes(module: torch.nn.Module) -> frozenset[tuple[int, ...]]:
+    shapes = set()
+    for param in module.parameters():
+        if param.dim() == 3:
+            shapes.add(tuple(int(s) for s in param.shape))
+            local = param.to_local() if hasattr(param, "to_local") else None  # a DTensor's shard
+            if local is not None:
+                shapes.add(tuple(int(s) for s in local.shape))
+    return frozenset(shapes)
+
+
+def _outer_stacks(parent: torch.nn.Module | None) -> tuple[int, ...]:
+    """E of each expert stack the module holding the owner holds itself."""
     if parent is None:
         return ()
     return tuple(sorted({experts for path, experts in _expert_stacks(parent) if path == ""}))

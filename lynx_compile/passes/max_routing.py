@@ -44,7 +44,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import LynxConfig
 from . import fx_match as fm
-from .dispatch_evidence import dispatch_of, router_holds_experts
+from .dispatch_evidence import dispatch_of, router_facts
 from .find_routing import RoutingSite, parallel_ranks
 from .frame import FrameFacts
 from .fx_match import aten, prims
@@ -243,7 +243,7 @@ def _classify(chain: MaxChain, config: LynxConfig, frame: FrameFacts) -> Routing
     site.logits, form = router
     site.router_form = f"{form}, {rounds_form}"
     indices = [chain.index_stack] if chain.index_stack is not None else [r.index for r in chain.rounds]
-    dispatch = dispatch_of(indices, num_experts, lambda n: router_holds_experts(site.logits, n, frame))
+    dispatch = dispatch_of(indices, num_experts, router_facts(site.logits, frame))
     if not dispatch.routes:
         site.reason = dispatch.description
         return site

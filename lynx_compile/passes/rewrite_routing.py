@@ -108,6 +108,23 @@ def _rewrite(graph: Graph, site: RoutingSite, live: Node | None) -> None:
                            _num_routed(site)))
     new.meta["lynx_site"] = (site.label, site.router_weight)
     _replace_topk(graph, topk, new, site.top_k)
+    _values_from_model_scores(graph, site, new)
+
+
+def _values_from_model_scores(graph: Graph, site: RoutingSite, new: Node) -> None:
+    """A constant-floor mask's site: the values are the model's scores at the chosen experts (its
+    0.0, not the -inf selection ranked), so a token with fewer than k unmasked experts gets what
+    the model gave its masked picks: weight 0, not -inf."""
+    if site.floor_mask is None:
+        return
+    outputs = {user.args[1]: user for user in new.users if user.target is operator.getitem}
+    if 0 not in outputs or 1 not in outputs:
+        return
+    values, indices = outputs[0], outputs[1]
+    with graph.inserting_after(indices):
+        gathered = graph.call_function(aten.gather.default, (site.floor_mask, 1, indices))
+    gathered.meta.update({key: value for key, value in values.meta.items()})
+    values.replace_all_uses_with(gathered)
 
 
 def _rewrite_switchable(graph: Graph, site: RoutingSite, live: Node | None) -> None:
@@ -117,6 +134,7 @@ def _rewrite_switchable(graph: Graph, site: RoutingSite, live: Node | None) -> N
                                                   live, site.router_weight, site.label, _num_routed(site)))
     site.reason += "; switchable (calibration)"
     _replace_topk(graph, topk, new, site.top_k)
+    _values_from_model_scores(graph, site, new)
 
 
 def _replace_topk(graph: Graph, topk: Node, new: Node, k: int) -> None:

@@ -87,7 +87,8 @@ def match_zero_experts(indices: list[Node], num_columns: int) -> ZeroExpertMappi
     ids = set(indices) | {u for node in indices for u in fm.layout_users(node) if fm.is_call(u, *fm.LAYOUT_OPS)}
     users = [user for node in ids for user in node.users if user not in ids]
     masks = [u for u in users if _threshold(u, ids) is not None]
-    if not masks:
+    wheres = [u for u in users if fm.is_call(u, aten.where.self) and u.args[0] in masks and u.args[2] in ids]
+    if not wheres:  # no id above a threshold replaced (a one-hot's ids >= 0, a vocabulary cut): no split claimed
         return None
     unproven = "not routing: a zero-compute expert split lynx cannot prove, left as written"
     thresholds = {_threshold(mask, ids) for mask in masks}
@@ -96,9 +97,6 @@ def match_zero_experts(indices: list[Node], num_columns: int) -> ZeroExpertMappi
     (num_experts,) = thresholds
     if not 1 <= num_experts < num_columns:
         return f"{unproven} (threshold {num_experts} outside 1..{num_columns - 1})"
-    wheres = [u for u in users if fm.is_call(u, aten.where.self) and u.args[0] in masks and u.args[2] in ids]
-    if not wheres:  # a threshold on the ids, nothing parked: no split claimed (the usual evidence decides)
-        return None
     if len(wheres) != 1:
         return f"{unproven} ({len(wheres)} places replace the ids where they are >= {num_experts}, expected one)"
     real_ids = wheres[0]

@@ -131,3 +131,33 @@ def test_a_convolution_beside_a_classifier_is_not_an_expert_stack():
         expected = torch.compile(module)(x)[0]
         torch._dynamo.reset()
         assert torch.equal(torch.compile(module, backend="lynx")(x)[0], expected)
+
+
+class ChunkMemory(torch.nn.Module):
+    """Not an MoE: each token retrieves its 4 nearest chunks of a (64, 4, D) memory buffer and
+    attends over them. A gather of a 3-D buffer is no gather of stacked expert weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = torch.nn.Linear(16, 64, bias=False)
+        self.register_buffer("chunks", torch.randn(64, 4, 16))
+
+    def forward(self, x):  # (B, S, D)
+        b, s, d = x.shape
+        q = x.reshape(-1, d)
+        _, idx = torch.topk(self.keys(q), 4, dim=-1)
+        memory = self.chunks[idx].reshape(q.shape[0], 16, d)  # (T, 4 chunks x 4, D)
+        attention = torch.softmax(torch.einsum("td,tmd->tm", q, memory) / d ** 0.5, -1)
+        return x + torch.einsum("tm,tmd->td", attention, memory).view(b, s, d)
+
+
+def test_a_retrieval_top_k_over_a_buffer_is_not_routing():
+    torch.manual_seed(0)
+    module, x = ChunkMemory().eval(), torch.randn(16, 1, 16)
+    [site] = lynx_compile.explain(module, x).sites
+    assert not site.is_routing, site.dispatch
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = torch.compile(module)(x)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(module, backend="lynx")(x), expected)

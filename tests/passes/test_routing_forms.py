@@ -223,3 +223,31 @@ def test_the_sparse_mixer_compiles_with_a_symbolic_batch(policy):
             assert torch.isfinite(got).all()
             if policy == "none":
                 torch.testing.assert_close(got, block(hidden), rtol=1e-5, atol=1e-6)
+
+
+class FewGroupsMoE(GptFastMoE):
+    """DeepSeek-V2's 0.0-filled group mask where one group of 2 experts is kept and k = 3: every
+    token's third pick is a masked expert, weight 0 in the model (not -inf)."""
+
+    def experts_for_tokens(self, x):  # (T, D)
+        scores = self.gate(x).softmax(-1)  # (T, E)
+        groups = scores.view(x.shape[0], 8, -1).max(-1).values  # (T, 8)
+        kept = torch.zeros_like(groups).scatter_(1, torch.topk(groups, 1, dim=-1)[1], 1)  # (T, 8)
+        mask = kept.unsqueeze(-1).expand(-1, 8, 2).reshape(x.shape[0], -1)  # (T, E)
+        weights, indices = torch.topk(scores.masked_fill(~mask.bool(), 0.0), self.activated, dim=-1)
+        x1 = torch.nn.functional.silu(torch.einsum("td,taid->tai", x, self.w1[indices]))
+        x3 = torch.einsum("td,taid->tai", x, self.w3[indices])
+        out = torch.einsum("tai,tadi->tad", x1 * x3, self.w2[indices])
+        return torch.einsum("tad,ta->td", out, weights)
+
+
+@pytest.mark.parametrize("options", [{}, {"policy": "opportunistic", "keep_top": 3}])
+def test_a_zero_filled_mask_with_fewer_than_k_unmasked_experts_keeps_the_model_s_zero_weights(options):
+    torch.manual_seed(0)
+    block, hidden = FewGroupsMoE(num_experts=16, activated=3).eval(), torch.randn(BATCH, 1, 32)
+    with torch.no_grad():
+        expected = block(hidden)
+        got = torch.compile(block, backend="lynx", options=options)(hidden)
+    assert torch.isfinite(got).all()
+    if options:  # every token keeps its own top-k: the model's output
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
