@@ -123,7 +123,8 @@ def find_token_flatten(router_input: Node) -> Node | None:
 
     Walks up through layout ops and through per-token ops (a normalization, a scale: ops whose
     output is (T, hidden) again), which never mix tokens, so the T rows still are the batch's
-    B * S positions in order."""
+    B * S positions in order; through a (seq, batch) swap back to the (batch, seq) tensor
+    (`_before_seq_first`). A model whose own activations are seq-first has its batch read as seq."""
     tokens = fm.shape_of(router_input)
     if tokens is None or len(tokens) != 2:
         return None
@@ -137,12 +138,28 @@ def find_token_flatten(router_input: Node) -> Node | None:
         shape = fm.shape_of(node)
         if shape is not None and len(shape) == 3 and shape[2] == tokens[1] \
                 and statically_known_true(shape[0] * shape[1] == tokens[0]):
-            return node
+            return _before_seq_first(node)
         if fm.is_call(node, *fm.LAYOUT_OPS) and isinstance(node.args[0], Node):
             stack.append(node.args[0])
         elif node.op == "call_function" and shape == tokens:
             stack.extend(arg for arg in node.all_input_nodes if _per_token_input(arg, tokens))
     return None
+
+
+def _before_seq_first(flattened: Node) -> Node:
+    """The (batch, seq, hidden) tensor itself when the block turned it seq-first before flattening
+    (a permute swapping dims 0 and 1, Megatron's [s, b, h] inside): reading seq from the swapped
+    tensor would take a B=1 prefill of S tokens for a decode step of S sequences."""
+    node = flattened
+    for _ in range(8):
+        if fm.is_call(node, aten.permute.default) and list(node.args[1]) in ([1, 0, 2], [1, 0, -1]):
+            source = node.args[0]
+            return source if len(fm.shape_of(source) or ()) == 3 else flattened
+        if not (fm.is_call(node, *fm.LAYOUT_OPS) and isinstance(node.args[0], Node)
+                and len(fm.shape_of(node.args[0]) or ()) == 3):
+            break
+        node = node.args[0]
+    return flattened
 
 
 def _per_token_input(node: Node, tokens: tuple) -> bool:

@@ -107,3 +107,24 @@ def test_changing_batch_size_adds_no_recompiles_beyond_dynamos_own():
                 compiled(torch.randn(batch, 1, 64))
         counts[name] = counters["stats"]["unique_graphs"]
     assert counts["lynx"] == counts["eager"] == 2  # static first call, then one dynamic graph
+
+
+class SeqFirstInside(torch.nn.Module):
+    """A block that turns (batch, seq, hidden) seq-first before flattening (Megatron's [s, b, h])."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = moe_block("mixtral")
+
+    def forward(self, x):  # (B, S, H)
+        return self.block(x.transpose(0, 1)).transpose(0, 1)  # the block flattens (S, B, H)
+
+
+def test_a_seq_first_block_is_read_through_its_transpose():
+    """A B=1 prefill of 16 tokens becomes (16, 1, H) inside: seq is read from the (1, 16, H) input."""
+    backend = PassOnlyBackend()
+    with torch.no_grad():
+        torch.compile(SeqFirstInside().eval(), backend=backend)(torch.randn(1, 16, 64))
+    [site] = backend.routing_sites
+    assert not site.rewritten and site.reason == "not rewritten: prefill graph (seq len 16)", site.reason
+    assert backend.before == backend.after
