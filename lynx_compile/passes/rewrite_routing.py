@@ -86,8 +86,8 @@ def _live_mask(graph: Graph, site: RoutingSite, config: LynxConfig, cache: dict[
 
 def _scores(graph: Graph, site: RoutingSite) -> Node:
     """What selection ranks: the top-k's input, with a constant-floor mask (DeepSeek-V2's 0.0)
-    turned into the -inf mask it ranks like, so masked experts stay ineligible. At every expert a
-    selection may choose the two are equal, so the values it returns are the model's."""
+    turned into the -inf mask it ranks like, so masked experts stay ineligible. The values the
+    site returns are then read from the model's own scores (`_values_from_model_scores`)."""
     if site.floor_mask is None:
         return site.topk.args[0]
     return neg_inf_mask(graph, site.floor_mask)
