@@ -30,14 +30,12 @@ import transformers
 from common import RESULTS, pyplot
 from lynx_compile import machine
 from lynx_compile.calibration.measure import decode_log_probs
-from lynx_compile.calibration.procedure import DYNAMO_LIMITS, switchable_backend
-from lynx_compile.config import LynxConfig
+from lynx_compile.calibration.procedure import DYNAMO_LIMITS
 from lynx_compile.eval import tasks
-from lynx_compile.eval.checkpoints import resolve_checkpoint
 from lynx_compile.eval.fidelity import fidelity
 from lynx_compile.lowering.switch_select import use_settings
 from lynx_compile.record import record
-from policy_frontier import site_settings
+from policy_frontier import site_settings, switchable_checkpoint
 
 OUT = RESULTS / "ep_ranks"
 SETTINGS = ("none", "affinity_binning", "moved_mass", "moved_mass:ranks=8", "moved_mass:max_moved=0.12",
@@ -49,12 +47,7 @@ def measure(checkpoint: str, ranks: int, batch_sizes: list[int], specs: list[str
     """Rows of (B, setting): experts per step, most per rank, idle ranks, fidelity vs none."""
     if specs[0] != "none":
         raise ValueError("the first setting must be none (it names the sites and is the reference)")
-    path = resolve_checkpoint(checkpoint)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model.compile(backend=switchable_backend(LynxConfig(pad_token_id=tokenizer.pad_token_id)))
-    prefix = tasks.CODE_TOKEN_PREFIX
-    windows = tasks.code_token_windows(tokenizer, code_tokens)[:, :prefix + tasks.CODE_TOKEN_STEPS]
+    model, _, windows, prefix = switchable_checkpoint(checkpoint, code_tokens)
     sites: dict[str, tuple[int, int]] = {}
     rows, started = [], time.perf_counter()
     for batch in batch_sizes:

@@ -61,14 +61,21 @@ def site_settings(spec: str, sites: dict[str, tuple[int, int]]) -> dict[str, Sit
             for site, (e, k) in sites.items()}
 
 
-def measure(checkpoint: str, batch_sizes: list[int], specs: list[str], code_tokens: int, arith_problems: int,
-            log=print) -> dict:
+def switchable_checkpoint(checkpoint: str, code_tokens: int):
+    """(model, tokenizer, windows, prefix): a shipped checkpoint in fp32 compiled once with every
+    decode routing site switchable, and its held-out code windows, (N, prefix + steps) token ids."""
     path = resolve_checkpoint(checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model.compile(backend=switchable_backend(LynxConfig(pad_token_id=tokenizer.pad_token_id)))
     prefix = tasks.CODE_TOKEN_PREFIX
     windows = tasks.code_token_windows(tokenizer, code_tokens)[:, :prefix + tasks.CODE_TOKEN_STEPS]
+    return model, tokenizer, windows, prefix
+
+
+def measure(checkpoint: str, batch_sizes: list[int], specs: list[str], code_tokens: int, arith_problems: int,
+            log=print) -> dict:
+    model, tokenizer, windows, prefix = switchable_checkpoint(checkpoint, code_tokens)
     problems = tasks.arith_problems(tokenizer, arith_problems)
     sites: dict[str, tuple[int, int]] = {}
     rows = []

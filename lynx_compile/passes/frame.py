@@ -89,21 +89,19 @@ def current_frame_facts() -> FrameFacts:
         return FrameFacts()
     owner = getattr(owner, _WRAPPER_CHILD, owner)
     prefix, root = _place(owner)
-    siblings = tuple(name for name, module in _named_modules(root)
-                     if type(module) is type(owner) and module is not owner)
-    names = frozenset(name for name, _ in _named_modules(root))
-    parent = _parent(root, prefix)
+    modules = dict(_named_modules(root))  # path -> module, every module of the model
+    siblings = tuple(name for name, module in modules.items() if type(module) is type(owner) and module is not owner)
+    parent = _parent(modules, prefix)
     return FrameFacts(prefix, _expert_stacks(owner), siblings, type(owner).__name__,
-                      outer_stacks=_outer_stacks(parent), module_names=names,
+                      outer_stacks=_outer_stacks(parent), module_names=frozenset(modules),
                       parameter_shapes=_parameter_shapes(owner if parent is None else parent))
 
 
-def _parent(root: torch.nn.Module, prefix: str) -> torch.nn.Module | None:
-    """The module holding the owner (at `prefix` in `root`); None for the root itself."""
+def _parent(modules: dict[str, torch.nn.Module], prefix: str) -> torch.nn.Module | None:
+    """The module holding the owner (at `prefix` among the model's `modules`); None for the root."""
     if not prefix:
         return None
-    parent_path = prefix.rsplit(".", 1)[0] if "." in prefix else ""
-    return dict(_named_modules(root)).get(parent_path)
+    return modules.get(prefix.rsplit(".", 1)[0] if "." in prefix else "")
 
 
 def _parameter_shapes(module: torch.nn.Module) -> frozenset[tuple[int, ...]]:

@@ -5,26 +5,11 @@ speed: the eager-loop variant (same backend, same options) compiled first, Dynam
 block's frame at its call into the experts, and the fused variant reused that split.
 """
 
-import importlib.util
-import pathlib
-import sys
-
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
-
-def load_bench():
-    sys.path.insert(0, str(BENCH))
-    sys.path.insert(0, str(BENCH.parent / "examples"))
-    spec = importlib.util.spec_from_file_location("bench_experts", BENCH / "bench_experts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_fused_variants_run_the_fused_op_even_after_the_eager_loop_variant():
-    bench = load_bench()
+def test_fused_variants_run_the_fused_op_even_after_the_eager_loop_variant(load_bench):
+    bench = load_bench("bench_experts")
     torch.manual_seed(0)
     block = bench.mixtral_block(64, 96, 8, 2)
     variants = ["inductor:grouped_mm", "inductor:batched_mm", "lynx:none+fused",

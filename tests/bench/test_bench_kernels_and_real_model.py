@@ -2,25 +2,11 @@
 their labels say (the kernel equals the library it is timed against; the real-model bench builds a
 materialized model and its policy-none variant is default Inductor), at tiny sizes."""
 
-import importlib.util
-import pathlib
-import sys
-
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
-
-def load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_kernel_bench_times_lynx_on_the_library_s_own_result():
-    bench = load("bench_expert_kernels")
+def test_the_kernel_bench_times_lynx_on_the_library_s_own_result(load_bench):
+    bench = load_bench("bench_expert_kernels")
     rows = bench.measure_level("AMX", (3,), repeats=1, blocks={"tiny": (64, 96, 8, 2)})
     [row] = rows
     assert 2 <= row["experts_present"] <= 6
@@ -35,8 +21,8 @@ TINY_OLMOE = dict(hidden_size=64, intermediate_size=32, num_experts=8, num_exper
                   norm_topk_prob=False)
 
 
-def test_the_real_model_bench_materializes_its_model_and_none_is_default_inductor():
-    bench = load("bench_real_model")
+def test_the_real_model_bench_materializes_its_model_and_none_is_default_inductor(load_bench):
+    bench = load_bench("bench_real_model")
     model = bench.build(TINY_OLMOE)
     assert not any(p.is_meta for p in model.parameters()) and all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())

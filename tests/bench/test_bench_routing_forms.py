@@ -1,25 +1,15 @@
 """bench/bench_routing_forms.py: every form's block builds as the bench times it (bf16, a spread
 router, the form lynx must read), and its table. (The timing itself: `make bench-forms`.)"""
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 
 import lynx_compile
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "bench"))  # its `common` import, as when run as a script
-    spec = importlib.util.spec_from_file_location("bench_routing_forms", ROOT / "bench" / "bench_routing_forms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("bench_routing_forms")
 
 
 def test_the_dense_form_is_read_as_routing_and_its_dispatch_fused(bench):

@@ -3,22 +3,12 @@ compiles both shipped checkpoints, minutes on two cores: `make ep-ranks`; the pe
 reads are `record().per_rank`, tested in tests/test_record.py and on two real ranks in
 tests/distributed/test_parallel.py.)"""
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ep_ranks():
-    sys.path.insert(0, str(ROOT / "bench"))  # its `common` and `policy_frontier` imports, as when run as a script
-    spec = importlib.util.spec_from_file_location("ep_ranks", ROOT / "bench" / "ep_ranks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ep_ranks(load_bench):
+    return load_bench("ep_ranks")
 
 
 def row(setting, experts, busiest, idle, agreement):

@@ -1,25 +1,15 @@
 """bench/policy_frontier.py's bookkeeping: settings per site (plans included), the Pareto front and
 the table. (Its measurement compiles a shipped checkpoint, minutes on two cores: `make frontier`.)"""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
 from lynx_compile import LynxOptionsError
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
 @pytest.fixture(scope="module")
-def frontier():
-    sys.path.insert(0, str(ROOT / "bench"))  # its `common` import, as when run as a script
-    spec = importlib.util.spec_from_file_location("policy_frontier", ROOT / "bench" / "policy_frontier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def frontier(load_bench):
+    return load_bench("policy_frontier")
 
 
 SITES = {"model.layers.0.mlp.gate": (8, 2), "model.layers.1.mlp.gate": (8, 2)}
